@@ -1,0 +1,72 @@
+"""What the REST, SSE and WebSocket handlers share: id parsing, JSON bodies, and the
+mapping of core errors to HTTP responses."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ..core.errors import Conflict, JobError, NotFound, QueueFull, ValidationError
+from ..web.http import Response, error_response
+
+_ID_RE = re.compile(r"^[0-9]{1,18}$")
+MAX_ID = 2**63 - 1
+
+
+def parse_job_id(value: Any) -> int | None:
+    """A job id from a path segment or a JSON value: a positive integer (or a
+    string of ASCII digits); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 < value <= MAX_ID else None
+    if isinstance(value, str) and _ID_RE.match(value):
+        number = int(value)
+        return number if number > 0 else None
+    return None
+
+
+class BadJSON(ValueError):
+    """The text is not one JSON object."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadJSON(f"Invalid JSON: {name} is not allowed")
+
+
+def parse_json_object(text: bytes | str) -> dict[str, Any]:
+    """Parse UTF-8 JSON text that must hold one object. Raises BadJSON with a
+    client-safe message (NaN/Infinity, bad UTF-8 and deep nesting included)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except BadJSON:
+        raise
+    except (ValueError, RecursionError):
+        raise BadJSON("Invalid JSON") from None
+    if not isinstance(value, dict):
+        raise BadJSON("JSON body must be an object")
+    return value
+
+
+_STATUS = {ValidationError: 400, NotFound: 404, Conflict: 409, QueueFull: 429}
+
+
+def job_error_response(exc: JobError) -> Response:
+    """The HTTP answer to a core error: its status, ``{"error", ...fields}`` and,
+    for QueueFull, ``Retry-After``."""
+    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+    headers = [("Retry-After", str(exc.retry_after))] if isinstance(exc, QueueFull) else []
+    return error_response(status, exc.message, headers=headers, **exc.fields)
+
+
+JOB_OPTION_FIELDS = ("priority", "delay", "run_at", "timeout", "max_attempts",
+                     "idempotency_key")
+
+
+def job_options(body: dict[str, Any], idempotency_header: str | None = None) -> dict[str, Any]:
+    """The job options of a create request (REST body or ``create_job`` message)."""
+    options = {k: body[k] for k in JOB_OPTION_FIELDS if k in body}
+    if idempotency_header is not None:
+        options["idempotency_key"] = idempotency_header
+    return options

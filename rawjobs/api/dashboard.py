@@ -1,0 +1,158 @@
+"""``/ws/queue``: the dashboard's WebSocket protocol (PROTOCOL.md, "WebSocket").
+
+On connect a client gets ``queue_state`` and joins the feed; every broadcast event is
+encoded once (``{"type", "data", "seq"}`` as one text frame) and written to every
+client. The snapshot and the join happen in one step of the event loop, so the
+next broadcast a client receives carries ``queue_state.seq + 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..core.errors import JobError
+from ..core.events import Event, EventHub
+from ..core.jobs import Registry
+from ..core.queue import JobQueue
+from ..core.worker import Worker
+from ..web.fanout import Fanout
+from ..web.http import Request, Response, json_bytes
+from ..web.websocket import WebSocket, WebSockets, text_frame
+from .common import BadJSON, job_options, parse_job_id, parse_json_object
+
+Command = Callable[[WebSocket, dict[str, Any]], Awaitable[None]]
+
+
+class CommandError(Exception):
+    """A client message we answer with ``{"type": "error", "message"}``."""
+
+
+class QueueFeed:
+    """The ``/ws/queue`` endpoint: a WebSocket handler over the queue.
+
+    ``max_buffer``: bytes a client may lag before it is closed with 1013;
+    ``ping_interval``: seconds between the application-level ``ping`` messages."""
+
+    def __init__(self, queue: JobQueue, worker: Worker, registry: Registry, hub: EventHub,
+                 sockets: WebSockets, max_buffer: int, ping_interval: float = 25.0) -> None:
+        self.queue = queue
+        self.worker = worker
+        self.registry = registry
+        self.sockets = sockets
+        self.ping_interval = ping_interval
+        self.fanout = Fanout(max_buffer)
+        self._ticker: asyncio.TimerHandle | None = None
+        self._commands: dict[str, Command] = {
+            "create_job": self._create_job,
+            "cancel_job": self._cancel_job,
+            "retry_job": self._retry_job,
+            "clear_completed": self._clear_completed,
+            "get_state": self._get_state,
+            "get_job_types": self._get_job_types,
+            "ping": self._ping,
+        }
+        hub.subscribe(self._on_event)
+
+    async def handle(self, request: Request) -> Response | WebSocket:
+        return self.sockets.accept(request, self)
+
+    # -- broadcast ------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if not len(self.fanout):
+            return
+        data = text_frame(json_bytes({"type": event.type, "data": event.data, "seq": event.seq}))
+        self.fanout.broadcast(lambda framing: data)
+
+    def _send_ping(self) -> None:
+        self._ticker = None
+        data = text_frame(json_bytes({"type": "ping", "ts": int(time.time())}))
+        self.fanout.broadcast(lambda framing: data)
+        if len(self.fanout):
+            self._start_pings()
+
+    def _start_pings(self) -> None:
+        if self._ticker is None:
+            loop = asyncio.get_running_loop()
+            self._ticker = loop.call_later(self.ping_interval, self._send_ping)
+
+    def queue_state(self) -> dict[str, Any]:
+        snapshot = self.queue.snapshot()
+        return {"type": "queue_state", "jobs": snapshot["jobs"], "stats": snapshot["stats"],
+                "worker": self.worker.stats(), "job_types": self.registry.schemas(),
+                "seq": snapshot["seq"]}
+
+    # -- WebSocketHandler -------------------------------------------------------------
+
+    async def on_connect(self, ws: WebSocket) -> None:
+        ws.write(text_frame(json_bytes(self.queue_state())))
+        self.fanout.add(ws)
+        self._start_pings()
+
+    def on_disconnect(self, ws: WebSocket) -> None:
+        self.fanout.discard(ws)
+
+    async def on_message(self, ws: WebSocket, text: str) -> None:
+        try:
+            message = parse_json_object(text)
+            command = self._commands.get(message.get("type"))  # type: ignore[arg-type]
+            if command is None:
+                raise CommandError(f"Unknown message type: {message.get('type')}")
+            await command(ws, message)
+        except (BadJSON, CommandError) as exc:
+            _reply(ws, {"type": "error", "message": str(exc)})
+        except JobError as exc:
+            _reply(ws, {"type": "error", "message": exc.message, **exc.fields})
+
+    # -- commands -------------------------------------------------------------------
+
+    async def _create_job(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        job, created = await self.queue.create(message.get("job_type"), message.get("params"),
+                                               job_options(message))
+        reply: dict[str, Any] = {"type": "job_created_ack", "job_id": job.id}
+        if not created:
+            reply["duplicate"] = True
+        _reply(ws, reply)
+
+    async def _cancel_job(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        job_id = _message_job_id(message)
+        await self.queue.cancel(job_id)
+        _reply(ws, {"type": "job_cancelled_ack", "job_id": job_id, "success": True})
+
+    async def _retry_job(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        job_id = _message_job_id(message)
+        job = await self.queue.retry(job_id)
+        _reply(ws, {"type": "job_created_ack", "job_id": job.id, "retry_of": job_id})
+
+    async def _clear_completed(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        _reply(ws, {"type": "jobs_cleared_ack", "cleared": await self.queue.clear_finished()})
+
+    async def _get_state(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        _reply(ws, self.queue_state())
+
+    async def _get_job_types(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        _reply(ws, {"type": "job_types", "job_types": self.registry.schemas()})
+
+    async def _ping(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        _reply(ws, {"type": "pong", "ts": message.get("ts")})
+
+    def close_all(self) -> None:
+        """Shutdown: stop the application pings (connections are closed by web)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+
+def _reply(ws: WebSocket, message: dict[str, Any]) -> None:
+    ws.send_text(json.dumps(message, separators=(",", ":"), ensure_ascii=False))
+
+
+def _message_job_id(message: dict[str, Any]) -> int:
+    job_id = parse_job_id(message.get("job_id"))
+    if job_id is None:
+        raise CommandError("job_id must be a positive integer")
+    return job_id

@@ -1,0 +1,73 @@
+"""A route table you can read at a glance: method, path pattern, handler.
+
+Patterns are literal segments and ``{name}`` placeholders matching one segment.
+HEAD is served by the GET handler wherever GET is routed. A known path with the
+wrong method gives 405 with ``Allow``; an unknown path is left to the fallback
+(static files, then 404).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .http import Request, Response, Takeover, error_response
+
+Handler = Callable[[Request], Awaitable["Response | Takeover"]]
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass(frozen=True)
+class Route:
+    methods: frozenset[str]
+    pattern: str
+    handler: Handler
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """``/api/jobs/{id}`` -> a regex with a named group per placeholder."""
+    regex = _PLACEHOLDER.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", re.escape(pattern)
+                             .replace(r"\{", "{").replace(r"\}", "}"))
+    return re.compile(f"^{regex}$")
+
+
+def route(methods: str, pattern: str, handler: Handler) -> Route:
+    """``route("GET POST", "/api/jobs", handler)``."""
+    return Route(frozenset(methods.split()), pattern, handler)
+
+
+class Router:
+    """Dispatches a request to the resource (path pattern) its path matches.
+
+    Literal patterns are tried before patterned ones, so ``/api/jobs/clear-completed``
+    is its own resource and never reaches ``/api/jobs/{id}``. Several routes may
+    share a pattern with different methods."""
+
+    def __init__(self, routes: list[Route], fallback: Handler | None = None) -> None:
+        resources: dict[str, dict[str, Handler]] = {}
+        for r in routes:
+            methods = resources.setdefault(r.pattern, {})
+            for method in r.methods:
+                methods[method] = r.handler
+            if "GET" in r.methods:
+                methods.setdefault("HEAD", r.handler)
+        ordered = sorted(resources, key=lambda pattern: "{" in pattern)
+        self._resources = [(compile_pattern(p), resources[p]) for p in ordered]
+        self._fallback = fallback
+
+    async def dispatch(self, request: Request) -> Response | Takeover:
+        for regex, methods in self._resources:
+            match = regex.match(request.path)
+            if match is None:
+                continue
+            handler = methods.get(request.method)
+            if handler is None:
+                allow = ", ".join(sorted(methods))
+                return error_response(405, f"Method {request.method} not allowed",
+                                      headers=[("Allow", allow)])
+            request.path_params = match.groupdict()
+            return await handler(request)
+        if self._fallback is not None:
+            return await self._fallback(request)
+        return error_response(404, "Not found")

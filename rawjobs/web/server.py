@@ -1,0 +1,378 @@
+"""The HTTP/1.1 server: ``asyncio.start_server``, one h11 connection per socket.
+
+Keep-alive and pipelining (requests answered in order), HEAD, ``Date`` and ``Server``
+headers, limits (head size, body size, head and idle timeouts, connection count) and
+clean shutdown. A handler returns a ``Response``, or a ``Takeover`` that owns the
+connection from then on (SSE, WebSocket). RFC 9112 is the wire format followed;
+SERVER-NOTES.md section 1 is the checklist for driving h11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+
+from .http import Request, Response, Takeover, error_response, json_bytes
+
+log = logging.getLogger("rawjobs.http")
+
+Handler = Callable[[Request], Awaitable["Response | Takeover"]]
+SERVER_NAME = "rawjobs"
+_WRITE_HIGH_WATER = 64 * 1024
+_READ_SIZE = 64 * 1024
+
+
+@dataclass
+class Limits:
+    """Server limits. Sizes in bytes, times in seconds (issue 5 gives the defaults).
+
+    ``max_head``: request line plus headers (431 past it); ``max_body``: request body
+    (413); ``head_timeout``: from a request's first byte to its complete head, and
+    between body reads (408); ``keepalive_timeout``: idle time between requests;
+    ``write_timeout``: how long a response write may wait for the client to read;
+    ``max_connections``: open connections (503 past it)."""
+
+    max_head: int = 16 * 1024
+    max_body: int = 1024 * 1024
+    head_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    write_timeout: float = 10.0
+    max_connections: int = 10_000
+
+
+class _DateCache:
+    """The ``Date`` header value (RFC 9110 section 6.6.1), formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_date = _DateCache()
+
+
+def standard_headers() -> list[tuple[bytes, bytes]]:
+    return [(b"date", _date.get()), (b"server", SERVER_NAME.encode())]
+
+
+class ProtocolFault(Exception):
+    """A request we answer with ``status`` and then close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class HTTPServer:
+    """Serves ``handler`` on ``asyncio.start_server``. ``connections`` holds the open
+    connections; ``shutdown`` stops accepting and closes the idle ones."""
+
+    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.connections: set[HTTPConnection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        """Listen on ``host:port`` (port 0 picks a free one); returns the server."""
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=_READ_SIZE, backlog=4096
+        )
+        return self._server
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closing or len(self.connections) >= self.limits.max_connections:
+            _refuse(writer, 503, "Server is at its connection limit")
+            return
+        conn = HTTPConnection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    def stop_accepting(self) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close idle keep-alive connections, let requests in flight
+        finish (up to ``timeout`` seconds), then close whatever is left."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+
+
+def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    body = json_bytes({"error": message})
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode("ascii")
+    writer.write(head + body)
+    writer.close()
+
+
+class HTTPConnection:
+    """One client connection: reads requests with h11, dispatches them, writes the
+    responses. Takeovers use ``start_stream``, ``write`` and ``transport``."""
+
+    def __init__(self, server: HTTPServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        self.client = writer.get_extra_info("peername")
+        self.idle = True
+        self._close_when_idle = False
+        self._requests = 0
+
+    # -- the request loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._serve_requests()
+        except ProtocolFault as fault:
+            await self._answer_fault(fault.status, fault.message)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+        finally:
+            self.abort_if_open()
+
+    async def _serve_requests(self) -> None:
+        while True:
+            request = await self._read_request()
+            if request is None:
+                return
+            self.idle = False
+            result = await self._dispatch(request)
+            if not isinstance(result, Response):
+                await result.serve(self)
+                return
+            await self.send_response(result, head_only=request.method == "HEAD")
+            if not self._next_cycle():
+                return
+            self.idle = True
+
+    async def _dispatch(self, request: Request) -> Response | Takeover:
+        try:
+            return await self.server.handler(request)
+        except Exception:
+            log.exception("handler failed: %s %s", request.method, request.path)
+            return error_response(500, "Internal server error")
+
+    def _next_cycle(self) -> bool:
+        """After a response: True to read the next request on this connection."""
+        if self._close_when_idle:
+            return False
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    async def _read_request(self) -> Request | None:
+        """The next complete request, body included; None when the client is done
+        or idle too long. Raises ProtocolFault for a request we must refuse."""
+        idle_limit = self.limits.keepalive_timeout if self._requests else self.limits.head_timeout
+        event = await self._next_event(idle_limit, first=True)
+        if event is None or isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise ProtocolFault(400, "Malformed request")
+        self._requests += 1
+        request = Request.from_target(
+            event.method.decode("ascii"), event.target.decode("latin-1"),
+            list(event.headers), event.http_version.decode("ascii"), self.client,
+        )
+        self._check_framing(request)
+        request.body = await self._read_body(request)
+        return request
+
+    def _check_framing(self, request: Request) -> None:
+        names = [k for k, _ in request.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise ProtocolFault(400, "Both Content-Length and Transfer-Encoding given")
+        length = request.header("content-length")
+        if length is not None and int(length) > self.limits.max_body:
+            raise ProtocolFault(413, f"Request body over {self.limits.max_body} bytes")
+
+    async def _read_body(self, request: Request) -> bytes:
+        if self.h11.they_are_waiting_for_100_continue:
+            self.write(self.h11.send(h11.InformationalResponse(
+                status_code=100, headers=standard_headers())))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event(self.limits.head_timeout)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.limits.max_body:
+                    raise ProtocolFault(413, f"Request body over {self.limits.max_body} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise ProtocolFault(400, "Incomplete request body")
+
+    async def _next_event(self, timeout: float, first: bool = False) -> h11.Event | None:
+        """The next h11 event. ``first``: waiting for a new request, where running out
+        of ``timeout`` with nothing received closes quietly (None), and a started head
+        has ``head_timeout`` from its first byte to complete (408)."""
+        deadline = time.monotonic() + timeout
+        got_bytes = False
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolFault(exc.error_status_hint, str(exc) or "Bad request") from None
+            if event is not h11.NEED_DATA:
+                return event
+            if self._close_when_idle and first and not got_bytes:
+                return None
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    data = await self.reader.read(_READ_SIZE)
+            except TimeoutError:
+                if first and not got_bytes:
+                    return None
+                raise ProtocolFault(408, "Request took too long to arrive") from None
+            if first and not got_bytes and data:
+                got_bytes = True
+                deadline = time.monotonic() + self.limits.head_timeout
+            self.h11.receive_data(data)
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def flush(self) -> None:
+        """Wait (up to ``write_timeout``) while the write buffer is over 64 KiB."""
+        if self.transport.get_write_buffer_size() <= _WRITE_HIGH_WATER:
+            return
+        async with asyncio.timeout(self.limits.write_timeout):
+            await self.writer.drain()
+
+    async def send_response(self, response: Response, head_only: bool = False) -> None:
+        """Write a complete response (RFC 9112 section 6): ``Content-Length`` set from
+        the body unless the status forbids a body; no body bytes for HEAD."""
+        headers = self._response_headers(response, head_only)
+        no_body = head_only or response.status in (204, 304)
+        data = self.h11.send(h11.Response(
+            status_code=response.status, headers=headers,
+            reason=http.HTTPStatus(response.status).phrase.encode("ascii")))
+        if response.body and not no_body:
+            data += self.h11.send(h11.Data(data=response.body))
+        data += self.h11.send(h11.EndOfMessage())
+        self.write(data)
+        await self.flush()
+
+    def _response_headers(self, response: Response, head_only: bool) -> list[tuple[bytes, bytes]]:
+        headers = standard_headers()
+        if response.content_type:
+            headers.append((b"content-type", response.content_type.encode("latin-1")))
+        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers)
+        if response.status not in (204, 304) and response.known_length:
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        if self._close_when_idle or self.server.closing:
+            headers.append((b"connection", b"close"))
+        return headers
+
+    def start_stream(self, status: int, headers: list[tuple[str, str]]) -> bool:
+        """Send the head of a streamed response of unknown length (RFC 9112 section
+        6.3: chunked for HTTP/1.1, close-delimited for HTTP/1.0). Returns True when
+        the body is chunked, i.e. each write must be framed as a chunk."""
+        raw = standard_headers() + [(k.encode("latin-1"), v.encode("latin-1"))
+                                    for k, v in headers]
+        self.write(self.h11.send(h11.Response(
+            status_code=status, headers=raw,
+            reason=http.HTTPStatus(status).phrase.encode("ascii"))))
+        return self.h11.their_http_version != b"1.0"
+
+    def end_stream(self) -> None:
+        """Finish a streamed response (the last chunk for chunked framing)."""
+        if self.h11.our_state is h11.SEND_BODY:
+            self.write(self.h11.send(h11.EndOfMessage()))
+
+    # -- closing -------------------------------------------------------------------
+
+    async def _answer_fault(self, status: int, message: str) -> None:
+        """Answer a refused request with ``Connection: close`` and close gracefully,
+        reading (and dropping) what the client still sends for a moment so the answer
+        is not lost to a reset (SERVER-NOTES.md section 1, "Bad requests")."""
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = json_bytes({"error": message})
+            headers = standard_headers() + [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.write(self.h11.send(h11.Response(
+                    status_code=status, headers=headers,
+                    reason=http.HTTPStatus(status).phrase.encode("ascii"))) + body)
+        await self.linger()
+
+    async def linger(self, seconds: float = 1.0) -> None:
+        """Half-close our side, drain what the client still sends, then close."""
+        if self.transport.is_closing():
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(seconds):
+                while await self.reader.read(_READ_SIZE):
+                    pass
+
+    def close_when_idle(self) -> None:
+        """Shutdown: close now if waiting for a request, else after this response."""
+        self._close_when_idle = True
+        if self.idle:
+            self.abort_if_open(graceful=True)
+
+    def abort_if_open(self, graceful: bool = True) -> None:
+        if not self.transport.is_closing():
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
+
+    def abort(self) -> None:
+        self.abort_if_open(graceful=False)

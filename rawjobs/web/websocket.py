@@ -1,0 +1,280 @@
+"""WebSocket server side (RFC 6455) on wsproto, after an h11 upgrade.
+
+The handshake is checked here (RFC 6455 section 4.2.1) and refused with a plain HTTP
+response that leaves the connection usable. Once accepted, the h11 connection's
+trailing bytes go to wsproto, which owns the connection's state from then on:
+incoming frames, ping/pong, close. Data frames the server sends are built by
+``text_frame`` (unmasked, so one copy serves every subscriber, DESIGN.md "Fan-out").
+permessage-deflate is never negotiated (SERVER-NOTES.md section 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+import h11
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
+
+from .http import Request, Response, error_response
+
+if TYPE_CHECKING:
+    from .server import HTTPConnection
+
+log = logging.getLogger("rawjobs.websocket")
+
+FRAMING = "ws"
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+INVALID_DATA = 1007
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+_READ_SIZE = 64 * 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame carrying ``payload`` (UTF-8), RFC 6455 5.2."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def ping_frame(payload: bytes) -> bytes:
+    """An unmasked ping control frame (payload at most 125 bytes), RFC 6455 5.5.2."""
+    return struct.pack("!BB", 0x89, len(payload)) + payload
+
+
+class WebSocketHandler(Protocol):
+    """The application side of a WebSocket endpoint."""
+
+    async def on_connect(self, ws: WebSocket) -> None: ...
+
+    async def on_message(self, ws: WebSocket, text: str) -> None: ...
+
+    def on_disconnect(self, ws: WebSocket) -> None: ...
+
+
+@dataclass
+class WebSocketConfig:
+    """``max_message``: bytes of one message, counted across fragments (1009 past
+    it); ``ping_interval``: seconds between server pings; ``ping_timeout``: seconds
+    of silence after a ping before the peer is closed (1011); ``close_timeout``:
+    seconds to wait for the peer's Close before dropping TCP; ``allowed_origins``:
+    origins accepted besides this server's own (``scheme://host[:port]``)."""
+
+    max_message: int = 64 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    close_timeout: float = 10.0
+    allowed_origins: tuple[str, ...] = ()
+
+
+def _origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
+    if origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and host is not None and parts.netloc == host
+
+
+def handshake_problem(request: Request, config: WebSocketConfig) -> Response | None:
+    """Why this upgrade request cannot be accepted, as the response to send, or None.
+
+    400 for a malformed handshake (method, Upgrade/Connection headers, key), 426 with
+    ``Sec-WebSocket-Version: 13`` for another version, 403 for a disallowed Origin."""
+    if request.method != "GET":
+        return error_response(400, "WebSocket handshake must be a GET request")
+    if "websocket" not in [v.lower() for v in request.header_values("upgrade")]:
+        return error_response(400, "Missing 'Upgrade: websocket' header")
+    if "upgrade" not in [v.lower() for v in request.header_values("connection")]:
+        return error_response(400, "Missing 'Connection: Upgrade' header")
+    if request.header("sec-websocket-version") != "13":
+        return error_response(426, "Unsupported WebSocket version",
+                              headers=[("Sec-WebSocket-Version", "13")])
+    key = request.header("sec-websocket-key")
+    try:
+        valid_key = key is not None and len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if not valid_key:
+        return error_response(400, "Missing or invalid Sec-WebSocket-Key")
+    origin = request.header("origin")
+    if origin is not None and not _origin_allowed(origin, request.header("host"),
+                                                  config.allowed_origins):
+        return error_response(403, "Origin not allowed")
+    return None
+
+
+class WebSockets:
+    """The open WebSockets of a server, their configuration and their keepalive:
+    one timer pings every connection each ``ping_interval`` and closes the ones that
+    stayed silent since the previous ping."""
+
+    def __init__(self, config: WebSocketConfig | None = None) -> None:
+        self.config = config or WebSocketConfig()
+        self.open: set[WebSocket] = set()
+        self._ticker: asyncio.TimerHandle | None = None
+        self._last_ping = 0.0
+        self._ping = ping_frame(b"rawjobs")
+
+    def accept(self, request: Request, handler: WebSocketHandler) -> Response | WebSocket:
+        """A refusal response, or the takeover that completes the upgrade."""
+        problem = handshake_problem(request, self.config)
+        if problem is not None:
+            return problem
+        return WebSocket(self, request, handler)
+
+    def _register(self, ws: WebSocket) -> None:
+        self.open.add(ws)
+        if self._ticker is None:
+            loop = asyncio.get_running_loop()
+            self._last_ping = time.monotonic()
+            self._ticker = loop.call_later(self.config.ping_interval, self._tick)
+
+    def _unregister(self, ws: WebSocket) -> None:
+        self.open.discard(ws)
+
+    def _tick(self) -> None:
+        previous, self._last_ping = self._last_ping, time.monotonic()
+        for ws in list(self.open):
+            if ws.last_seen < previous:
+                ws.close(INTERNAL_ERROR, "keepalive ping timeout")
+            elif ws.wsproto.state is ConnectionState.OPEN:
+                ws.write(self._ping)
+        if self.open:
+            loop = asyncio.get_running_loop()
+            self._ticker = loop.call_later(self.config.ping_interval, self._tick)
+        else:
+            self._ticker = None
+
+    def close_all(self, code: int = GOING_AWAY, reason: str = "Server shutting down") -> None:
+        for ws in list(self.open):
+            ws.close(code, reason)
+
+
+class WebSocket:
+    """One accepted WebSocket connection (a ``Takeover``). ``transport`` and
+    ``framing`` make it a fan-out subscriber; ``send_text`` and ``close`` are for the
+    application; ``evict`` closes with 1013 (too far behind)."""
+
+    framing = FRAMING
+
+    def __init__(self, sockets: WebSockets, request: Request, handler: WebSocketHandler) -> None:
+        self.sockets = sockets
+        self.request = request
+        self.handler = handler
+        self.conn: HTTPConnection | None = None
+        self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
+        self.wsproto = Connection(ConnectionType.SERVER)
+        self.last_seen = time.monotonic()
+        self._message: list[str] = []
+        self._message_size = 0
+        self._closer: asyncio.TimerHandle | None = None
+
+    # -- takeover -----------------------------------------------------------------
+
+    async def serve(self, conn: HTTPConnection) -> None:
+        self.conn = conn
+        self.transport = conn.transport
+        key = self.request.header("sec-websocket-key") or ""
+        conn.write(conn.h11.send(h11.InformationalResponse(status_code=101, headers=[
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
+        ])))
+        self.wsproto = Connection(ConnectionType.SERVER, trailing_data=conn.h11.trailing_data[0])
+        self.sockets._register(self)
+        try:
+            await self.handler.on_connect(self)
+            await self._read_loop()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.sockets._unregister(self)
+            self.handler.on_disconnect(self)
+            if self._closer is not None:
+                self._closer.cancel()
+            conn.abort_if_open(graceful=True)
+
+    async def _read_loop(self) -> None:
+        while True:
+            for event in self.wsproto.events():
+                if isinstance(event, TextMessage):
+                    await self._on_text(event)
+                elif isinstance(event, CloseConnection):
+                    self._on_close(event)
+                    return
+                elif isinstance(event, Ping):
+                    self.write(self.wsproto.send(event.response()))
+                elif isinstance(event, BytesMessage):
+                    self.close(UNSUPPORTED_DATA, "Binary messages are not supported")
+            if self.wsproto.state is ConnectionState.CLOSED or self.transport.is_closing():
+                return
+            data = await self.conn.reader.read(_READ_SIZE)  # type: ignore[union-attr]
+            self.last_seen = time.monotonic()
+            self.wsproto.receive_data(data or None)
+
+    async def _on_text(self, event: TextMessage) -> None:
+        if self.wsproto.state is not ConnectionState.OPEN:
+            return
+        self._message_size += len(event.data.encode("utf-8"))
+        if self._message_size > self.sockets.config.max_message:
+            self.close(MESSAGE_TOO_BIG, "Message too big")
+            return
+        self._message.append(event.data)
+        if event.message_finished:
+            text = "".join(self._message)
+            self._message, self._message_size = [], 0
+            await self.handler.on_message(self, text)
+
+    def _on_close(self, event: CloseConnection) -> None:
+        if self.wsproto.state is ConnectionState.REMOTE_CLOSING:
+            self.write(self.wsproto.send(event.response()))
+        elif self.wsproto.state is ConnectionState.OPEN:  # wsproto found a protocol fault
+            self.write(self.wsproto.send(CloseConnection(code=event.code, reason=event.reason)))
+
+    # -- sending ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+
+    def send_text(self, text: str) -> None:
+        """Send one text message (no-op once closing)."""
+        if self.wsproto.state is ConnectionState.OPEN:
+            self.write(text_frame(text.encode("utf-8")))
+
+    def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """Start the close handshake (idempotent): send Close, then drop the TCP
+        connection when the peer answers or after ``close_timeout`` seconds."""
+        if self.wsproto.state is not ConnectionState.OPEN:
+            return
+        self.handler.on_disconnect(self)
+        with contextlib.suppress(Exception):
+            self.write(self.wsproto.send(CloseConnection(code=code, reason=reason)))
+        loop = asyncio.get_running_loop()
+        self._closer = loop.call_later(self.sockets.config.close_timeout, self._drop)
+
+    def evict(self) -> None:
+        self.close(TRY_AGAIN_LATER, "Too far behind; reconnect")
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+
