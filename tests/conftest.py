@@ -1,0 +1,117 @@
+"""Shared fixtures: real rawjobs servers as subprocesses on 127.0.0.1.
+
+``server`` is one default server per test (in-memory store, concurrency 3).
+``start_server(*args, db=..., env=...)`` starts more, with any command-line options;
+every process started is stopped (SIGKILL if needed) when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m rawjobs``: ``url`` (``http://127.0.0.1:PORT``), ``port``,
+    ``ws_url`` (the /ws/queue URL), ``proc`` and its log file."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/queue"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(url + "/api/stats", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start in time")
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    started: list[ServerProcess] = []
+
+    def start(*args: str, db: str = ":memory:", port: int | None = None,
+              env: dict[str, str] | None = None, cwd: Path | None = None,
+              ready: bool = True) -> ServerProcess:
+        port = port or free_port()
+        log_path = tmp_path / f"server-{port}-{len(started)}.log"
+        cmd = [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", db,
+               "--log-level", "info", *args]
+        proc = subprocess.Popen(
+            cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=str(cwd or tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        server = ServerProcess(proc, port, log_path, list(args))
+        started.append(server)
+        if ready:
+            wait_ready(server.url, proc)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                server.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:
+    return start_server()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
