@@ -80,9 +80,9 @@ class Store(abc.ABC):
         """Delete every finished job; returns ``(id, status)`` of each one deleted."""
 
     @abc.abstractmethod
-    async def prune_finished(self, keep: int) -> list[tuple[int, str]]:
-        """Delete the finished jobs that finished first, so at most ``keep`` remain;
-        returns ``(id, status)`` of each one deleted."""
+    async def prune_finished(self, count: int) -> list[tuple[int, str]]:
+        """Delete the ``count`` finished jobs that finished first (by completion time,
+        then id); returns ``(id, status)`` of each one deleted."""
 
     @abc.abstractmethod
     async def stats(self) -> dict[str, int]:

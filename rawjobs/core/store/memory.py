@@ -153,9 +153,9 @@ class MemoryStore(Store):
         self._finished_order.clear()
         return gone
 
-    async def prune_finished(self, keep: int) -> list[tuple[int, str]]:
+    async def prune_finished(self, count: int) -> list[tuple[int, str]]:
         gone: list[tuple[int, str]] = []
-        while len(self._finished_order) > keep:
+        while len(gone) < count and self._finished_order:
             self._delete(self._finished_order.popleft(), gone)
         return gone
 

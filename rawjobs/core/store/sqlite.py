@@ -289,21 +289,13 @@ class SQLiteStore(Store):
             conn, f"SELECT id, status FROM jobs WHERE status IN {_FINISHED_SQL}", ()
         ))
 
-    async def prune_finished(self, keep: int) -> list[tuple[int, str]]:
-        def op(conn: sqlite3.Connection) -> list[tuple[int, str]]:
-            total = conn.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE status IN {_FINISHED_SQL}"
-            ).fetchone()[0]
-            if total <= keep:
-                return []
-            return _delete_counted(
-                conn,
-                f"SELECT id, status FROM jobs WHERE status IN {_FINISHED_SQL}"
-                " ORDER BY completed_at, id LIMIT ?",
-                (total - keep,),
-            )
-
-        return await self._call(op)
+    async def prune_finished(self, count: int) -> list[tuple[int, str]]:
+        return await self._call(lambda conn: _delete_counted(
+            conn,
+            f"SELECT id, status FROM jobs WHERE status IN {_FINISHED_SQL}"
+            " ORDER BY completed_at, id LIMIT ?",
+            (count,),
+        ))
 
     async def stats(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
