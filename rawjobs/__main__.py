@@ -18,6 +18,13 @@ from .web.websocket import WebSocketConfig
 log = logging.getLogger("rawjobs")
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rawjobs", description="Self-hosted async job runner "
                                 "with a live dashboard (HTTP, SSE, WebSocket).")
@@ -25,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     a("--port", type=int, default=5001, help="port to listen on (default %(default)s)")
     a("--db", default="rawjobs.db",
-      help="SQLite file for jobs, or :memory: to keep nothing (default %(default)s)")
-    a("--concurrency", type=int, default=3, help="jobs run at once (default %(default)s)")
+      help="SQLite file for jobs, :memory: to keep nothing, or a postgresql:// URL "
+           "shared by several nodes (default %(default)s)")
+    a("--concurrency", type=_non_negative, default=3,
+      help="jobs run at once; 0 serves the API without running jobs (default %(default)s)")
     a("--jobs", action="append", default=[], metavar="MODULE",
       help="import MODULE to register its job types (repeatable)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -49,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="seconds for a request head to arrive, 408 past it (default %(default)s)")
     a("--keepalive-timeout", type=float, default=5.0,
       help="seconds an idle keep-alive connection stays open (default %(default)s)")
+    a("--write-timeout", type=float, default=10.0,
+      help="seconds a response write may wait for the client to read before the "
+           "connection is dropped (default %(default)s)")
+    a("--sse-keepalive", type=float, default=15.0,
+      help="seconds between ': keepalive' comments on idle event streams "
+           "(default %(default)s)")
+    a("--static-dir", default=None, metavar="DIR",
+      help="serve the dashboard from DIR instead of the packaged static files")
     a("--ws-max-message", type=int, default=64 * 1024, metavar="BYTES",
       help="WebSocket message size, close 1009 past it (default %(default)s)")
     a("--ws-ping-interval", type=float, default=20.0,
@@ -62,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--token", default=os.environ.get("RAWJOBS_TOKEN"),
       help="require 'Authorization: Bearer TOKEN' (or ?token=) on /api and /ws "
            "(default: $RAWJOBS_TOKEN, else none)")
+    a("--node-id", default=None,
+      help="this node's name with PostgreSQL (default: hostname-pid)")
+    a("--heartbeat", type=float, default=5.0,
+      help="seconds between a node's heartbeats with PostgreSQL (default %(default)s)")
+    a("--lease", type=float, default=15.0,
+      help="seconds a running job's lease lasts without a heartbeat (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -70,15 +93,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=args.host, port=args.port, db=args.db, concurrency=args.concurrency,
         jobs=args.jobs, grace=args.grace, keep_finished=args.keep_finished,
         max_pending=args.max_pending, max_subscriber_buffer=args.max_subscriber_buffer,
+        sse_keepalive=args.sse_keepalive, static_dir=args.static_dir,
         limits=Limits(max_head=args.max_head_size, max_body=args.max_body_size,
                       head_timeout=args.head_timeout,
                       keepalive_timeout=args.keepalive_timeout,
+                      write_timeout=args.write_timeout,
                       max_connections=args.max_connections),
         websocket=WebSocketConfig(max_message=args.ws_max_message,
                                   ping_interval=args.ws_ping_interval,
                                   ping_timeout=args.ws_ping_interval,
                                   allowed_origins=tuple(args.allowed_origin)),
         allowed_hosts=args.allowed_host, token=args.token or None,
+        node_id=args.node_id, heartbeat=args.heartbeat, lease=args.lease,
     )
 
 

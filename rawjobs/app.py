@@ -11,21 +11,24 @@ import hmac
 import importlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api.dashboard import QueueFeed
+from .api.openapi import serve_openapi
 from .api.progress import ProgressStreams
 from .api.rest import RestAPI
 from .core.builtin import register_builtins
+from .core.cluster import Cluster
 from .core.events import EventHub
 from .core.jobs import Registry
 from .core.jobs import registry as default_registry
 from .core.procpool import ProcessPool
 from .core.queue import JobQueue
-from .core.store.base import Store
+from .core.store.base import SharedStore, Store
 from .core.store.memory import MemoryStore
 from .core.store.sqlite import SQLiteStore
 from .core.worker import Worker
@@ -52,11 +55,15 @@ class Settings:
     keep_finished: int = 10_000
     max_pending: int = 100_000
     max_subscriber_buffer: int = 256 * 1024
+    sse_keepalive: float = 15.0
     limits: Limits = field(default_factory=Limits)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     allowed_hosts: list[str] = field(default_factory=list)
     token: str | None = None
     static_dir: str | None = None
+    node_id: str | None = None
+    heartbeat: float = 5.0
+    lease: float = 15.0
 
 
 def static_root() -> Path:
@@ -67,8 +74,17 @@ def static_root() -> Path:
     return Path(__file__).resolve().parent.parent / "static"
 
 
-def make_store(db: str) -> Store:
-    return MemoryStore() if db == ":memory:" else SQLiteStore(db)
+def make_store(settings: Settings) -> Store:
+    """``:memory:``, a ``postgresql://`` URL (several nodes), or a SQLite file."""
+    db = settings.db
+    if db == ":memory:":
+        return MemoryStore()
+    if db.startswith(("postgresql://", "postgres://")):
+        from .core.store.postgres import PostgresStore
+
+        node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        return PostgresStore(db, node_id, lease_seconds=settings.lease)
+    return SQLiteStore(db)
 
 
 def build_registry(modules: list[str]) -> Registry:
@@ -91,7 +107,7 @@ class App:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or build_registry(settings.jobs)
-        self.store = make_store(settings.db)
+        self.store = make_store(settings)
         self.hub = EventHub(self.store.reserve_seq if self.store.durable else None)
         self.queue = JobQueue(self.store, self.registry, self.hub,
                               keep_finished=settings.keep_finished,
@@ -102,17 +118,22 @@ class App:
         self.sockets = WebSockets(settings.websocket)
         buffer = settings.max_subscriber_buffer
         self.rest = RestAPI(self.queue, self.worker, self.registry)
-        self.progress = ProgressStreams(self.queue, self.hub, buffer)
+        self.progress = ProgressStreams(self.queue, self.hub, buffer,
+                                        keepalive=settings.sse_keepalive)
         self.feed = QueueFeed(self.queue, self.worker, self.registry, self.hub, self.sockets,
                               buffer)
         self.router = Router(
             self.rest.routes() + [
                 route("GET", "/api/jobs/{id}/progress", self.progress.handle),
                 route("GET", "/ws/queue", self.feed.handle),
+                route("GET", "/api/openapi.json", serve_openapi),
             ],
             fallback=StaticFiles(settings.static_dir or static_root()),
         )
         self.server = HTTPServer(self.handle, settings.limits)
+        self.cluster = (Cluster(self.store, self.queue, self.worker, self.hub,
+                                heartbeat=settings.heartbeat)
+                        if isinstance(self.store, SharedStore) else None)
         self._allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, settings.host,
                                                    *settings.allowed_hosts)}
 
@@ -122,6 +143,8 @@ class App:
 
     async def start(self) -> None:
         await self.queue.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         self.worker.start()
         await self.server.start(self.settings.host, self.settings.port)
 
@@ -164,6 +187,8 @@ class App:
         await self.queue.release_running()
         await self.worker.wait_idle(0.5)
         self.pool.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.server.shutdown(timeout=max(0.2, 1.0 - (time.monotonic() - started)))
         await self.queue.close()
         log.info("stopped in %.2f s", time.monotonic() - started)

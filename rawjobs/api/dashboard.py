@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..core.errors import JobError
-from ..core.events import Event, EventHub
+from ..core.events import RESYNC, Event, EventHub
 from ..core.jobs import Registry
 from ..core.queue import JobQueue
 from ..core.worker import Worker
@@ -46,6 +46,7 @@ class QueueFeed:
         self.ping_interval = ping_interval
         self.fanout = Fanout(max_buffer)
         self._ticker: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._commands: dict[str, Command] = {
             "create_job": self._create_job,
             "cancel_job": self._cancel_job,
@@ -65,6 +66,9 @@ class QueueFeed:
     def _on_event(self, event: Event) -> None:
         if not len(self.fanout):
             return
+        if event.type == RESYNC:
+            self._spawn(self._resync())
+            return
         data = text_frame(json_bytes({"type": event.type, "data": event.data, "seq": event.seq}))
         self.fanout.broadcast(lambda framing: data)
 
@@ -80,8 +84,21 @@ class QueueFeed:
             loop = asyncio.get_running_loop()
             self._ticker = loop.call_later(self.ping_interval, self._send_ping)
 
-    def queue_state(self) -> dict[str, Any]:
-        snapshot = self.queue.snapshot()
+    async def _resync(self) -> None:
+        """Events may have been missed (several nodes): every client gets a fresh
+        ``queue_state``, which replaces everything it knew."""
+        state = await self.queue_state()
+        frame = text_frame(json_bytes(state))
+        self.fanout.broadcast(lambda framing: frame)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def queue_state(self) -> dict[str, Any]:
+        """The ``queue_state`` message; its ``seq`` is the newest event reflected."""
+        snapshot = await self.queue.snapshot()
         return {"type": "queue_state", "jobs": snapshot["jobs"], "stats": snapshot["stats"],
                 "worker": self.worker.stats(), "job_types": self.registry.schemas(),
                 "seq": snapshot["seq"]}
@@ -89,7 +106,9 @@ class QueueFeed:
     # -- WebSocketHandler -------------------------------------------------------------
 
     async def on_connect(self, ws: WebSocket) -> None:
-        ws.write(text_frame(json_bytes(self.queue_state())))
+        state = await self.queue_state()
+        # No await between the snapshot's seq and joining the feed.
+        ws.write(text_frame(json_bytes(state)))
         self.fanout.add(ws)
         self._start_pings()
 
@@ -132,7 +151,7 @@ class QueueFeed:
         _reply(ws, {"type": "jobs_cleared_ack", "cleared": await self.queue.clear_finished()})
 
     async def _get_state(self, ws: WebSocket, message: dict[str, Any]) -> None:
-        _reply(ws, self.queue_state())
+        _reply(ws, await self.queue_state())
 
     async def _get_job_types(self, ws: WebSocket, message: dict[str, Any]) -> None:
         _reply(ws, {"type": "job_types", "job_types": self.registry.schemas()})

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ..core.errors import JobError
-from ..core.events import Event, EventHub
+from ..core.events import RESYNC, Event, EventHub
 from ..core.model import CANCELLED, COMPLETED, FAILED, Job
 from ..core.queue import JobQueue
 from ..web.fanout import Fanout
@@ -102,9 +102,10 @@ class ProgressStreams:
         except JobError as exc:
             return job_error_response(exc)
         last_id = parse_job_id(request.header("last-event-id") or "")
-        if job.finished and last_id is not None and job.terminal_seq is not None \
-                and last_id >= job.terminal_seq:
-            return Response(status=204)
+        if job.finished and last_id is not None:
+            terminal = self.queue.terminal_seq(job)
+            if terminal is None or last_id >= terminal:
+                return Response(status=204)
         if request.method == "HEAD":
             return Response(status=200, headers=SSE_HEADERS[1:], content_type=SSE_HEADERS[0][1],
                              known_length=False)
@@ -132,7 +133,7 @@ class ProgressStreams:
 
     def _replay_terminal(self, job: Job, sub: SSESubscriber) -> None:
         name, data = terminal_data(job)
-        sub.send(encode_event(_dumps(data), name, job.terminal_seq or self.hub.seq))
+        sub.send(encode_event(_dumps(data), name, self.queue.terminal_seq(job) or self.hub.seq))
         sub.end()
 
     def _close(self, job_id: int, sub: SSESubscriber) -> None:
@@ -145,6 +146,9 @@ class ProgressStreams:
     # -- fan-out ------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        if event.type == RESYNC:  # events may have been missed: clients reconnect
+            self.end_all()
+            return
         job_id = event.data.get("job_id")
         channel = self._channels.get(job_id) if job_id is not None else None
         if channel is None:

@@ -63,7 +63,8 @@ class RestAPI:
         ]
 
     async def stats(self, request: Request) -> Response:
-        return json_response({"queue": self.queue.stats(), "worker": self.worker.stats()})
+        return json_response({"queue": await self.queue.current_stats(),
+                              "worker": self.worker.stats()})
 
     async def job_types(self, request: Request) -> Response:
         return json_response(self.registry.schemas())

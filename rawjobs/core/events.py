@@ -28,6 +28,10 @@ class Event(NamedTuple):
 
 Subscriber = Callable[[Event], None]
 
+RESYNC = "resync"
+"""An internal event: subscribers may have missed events (another node's were lost);
+clients should be given fresh state. Never sent to clients as such."""
+
 
 class EventHub:
     """Assigns ``seq`` and calls every subscriber synchronously, in subscription order.

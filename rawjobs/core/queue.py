@@ -39,6 +39,8 @@ from .store.base import Store, empty_counts
 log = logging.getLogger("rawjobs.queue")
 
 RETRYABLE = (FAILED, CANCELLED)
+TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
+TERMINAL_MEMORY = 10_000
 
 
 class JobQueue:
@@ -84,6 +86,9 @@ class JobQueue:
         self._progress_saved: dict[int, float] = {}
         self._progress_timers: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.shared = store.shared
+        self.forward: Callable[[str, dict[str, Any]], None] | None = None
+        self._terminal_seqs: OrderedDict[int, int] = OrderedDict()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -91,15 +96,25 @@ class JobQueue:
         """Open the store, continue the seq, recover jobs a crash left running."""
         await self.store.open()
         await self.hub.start()
-        for job in await self.store.recover(self.max_interruptions):
-            if job.status == FAILED:
-                event = self.hub.publish("job_failed", {"job_id": job.id, "error": job.error})
-                job.terminal_seq = event.seq
-                await self.store.save(job)
-            log.warning("job %s was interrupted by a crash: now %s", job.id, job.status)
+        if not self.shared:  # several nodes: the cluster reaps expired leases instead
+            await self.apply_recovered(await self.store.recover(self.max_interruptions))
         self._counts = await self.store.stats()
         for job in reversed(await self.store.list(limit=self.snapshot_size)):
             self._recent[job.id] = job
+
+    async def apply_recovered(self, jobs: list[Job]) -> None:
+        """Publish what crash recovery (or lease reaping) did to ``jobs``."""
+        for job in jobs:
+            log.warning("job %s was interrupted: now %s", job.id, job.status)
+            if job.status == FAILED:
+                job.terminal_seq = self._publish(
+                    "job_failed", {"job_id": job.id, "error": job.error}).seq
+                await self.store.save(job)
+            else:
+                self._publish("job_retrying", {"job_id": job.id, "attempt": job.attempts,
+                                               "error": "interrupted", "run_at": job.run_at})
+        if jobs:
+            self.on_work()
 
     async def release_running(self) -> None:
         """Shutdown: put every job still running here back to pending, not counting
@@ -110,7 +125,7 @@ class JobQueue:
             job.status, job.progress, job.started_at = PENDING, dict(QUEUED_PROGRESS), None
             self._move(RUNNING, PENDING)
             self.on_cancel(job_id)
-            await self.store.save(job)
+            await (self.store.finish(job) if self.shared else self.store.save(job))
 
     async def close(self) -> None:
         """Wait for background writes, then close the store."""
@@ -123,10 +138,23 @@ class JobQueue:
     # -- queries ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """``{"pending", "running", "completed", "failed", "cancelled", "total"}``."""
+        """``{"pending", "running", "completed", "failed", "cancelled", "total"}``
+        as this node knows them (exact for a single node)."""
         out = dict(self._counts)
         out["total"] = sum(self._counts[s] for s in STATUSES)
         return out
+
+    async def current_stats(self) -> dict[str, int]:
+        """Like ``stats``, but from the database when several nodes share it."""
+        if self.shared:
+            self._counts = await self.store.stats()
+        return self.stats()
+
+    def terminal_seq(self, job: Job) -> int | None:
+        """The seq of the job's terminal event, if known (stored, or seen here)."""
+        if job.terminal_seq is not None:
+            return job.terminal_seq
+        return self._terminal_seqs.get(job.id)
 
     async def get(self, job_id: int) -> Job:
         """The job (its live state while running). Raises NotFound."""
@@ -143,13 +171,21 @@ class JobQueue:
         jobs = await self.store.list(status=status, type_=type_, limit=limit, before=before)
         return [self._live.get(job.id, job) for job in jobs]
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         """``{"jobs": [job...] newest first, "stats": {...}, "seq": n}``; ``seq`` is the
-        newest event reflected in it. Synchronous, so no event can slip between."""
-        jobs = dict(self._recent)
+        newest event reflected in it. For a single node it is built without awaiting
+        anything, so no event can slip between; with several nodes it is read from
+        the database first."""
+        if self.shared:
+            recent = await self.store.list(limit=self.snapshot_size)
+            jobs = {job.id: job for job in recent}
+            stats = await self.current_stats()
+        else:
+            jobs = dict(self._recent)
+            stats = self.stats()
         jobs.update(self._live)
         ordered = [jobs[i].to_dict() for i in sorted(jobs, reverse=True)]
-        return {"jobs": ordered, "stats": self.stats(), "seq": self.hub.seq}
+        return {"jobs": ordered, "stats": stats, "seq": self.hub.seq}
 
     # -- client commands ------------------------------------------------------------
 
@@ -192,7 +228,7 @@ class JobQueue:
             return self._live.get(stored.id, stored), False
         self._counts[PENDING] += 1
         self._remember(stored)
-        self.hub.publish("job_created", stored.to_dict())
+        self._publish("job_created", stored.to_dict())
         self.on_work()
         return stored, True
 
@@ -225,13 +261,20 @@ class JobQueue:
         live = self._live.get(job_id)
         if live is not None:  # claimed while we asked the store
             return await self._cancel_live(live)
+        if job.status == RUNNING:  # running on another node
+            cancelled_job = await self.store.cancel_running(job_id, time.time())
+            if cancelled_job is not None:
+                self._move(RUNNING, CANCELLED)
+                self._finish(cancelled_job, "job_cancelled", {"job_id": job_id})
+                return cancelled_job
+            job = await self.store.get(job_id) or job
         raise Conflict(f"Cannot cancel job in status: {job.status}", job_id=job_id)
 
     async def clear_finished(self) -> int:
         """Delete every finished job; publishes ``jobs_cleared``. Returns the count."""
         gone = await self.store.clear_finished()
         self._forget(gone)
-        self.hub.publish("jobs_cleared", {"count": len(gone)})
+        self._publish("jobs_cleared", {"count": len(gone)})
         return len(gone)
 
     # -- worker side ------------------------------------------------------------------
@@ -245,7 +288,7 @@ class JobQueue:
         self._move(PENDING, RUNNING)
         if job.id in self._recent:
             self._recent[job.id] = job
-        self.hub.publish("job_started", {"job_id": job.id, "started_at": job.started_at})
+        self._publish("job_started", {"job_id": job.id, "started_at": job.started_at})
         return job
 
     async def next_run_at(self) -> float | None:
@@ -261,7 +304,7 @@ class JobQueue:
         if live is None:
             return
         live.progress = {"percent": percent, "message": message}
-        self.hub.publish("job_progress", {"job_id": job_id, "percent": percent,
+        self._publish("job_progress", {"job_id": job_id, "percent": percent,
                                           "message": message})
         self._schedule_progress_save(job_id)
 
@@ -276,7 +319,7 @@ class JobQueue:
         except (TypeError, ValueError):
             await self.fail(job_id, "Job result is not JSON serialisable", retry=False)
             return
-        self.hub.publish("job_progress", {"job_id": job_id, **FINAL_PROGRESS_EVENT})
+        self._publish("job_progress", {"job_id": job_id, **FINAL_PROGRESS_EVENT})
         live.status, live.result, live.progress = COMPLETED, result, dict(COMPLETED_PROGRESS)
         live.completed_at = time.time()
         duration = round(live.completed_at - (live.started_at or live.completed_at), 3)
@@ -303,10 +346,13 @@ class JobQueue:
         backoff = min(self.retry_backoff_max, self.retry_backoff * 2 ** (live.attempts - 1))
         live.run_at = time.time() + backoff * random.uniform(0.5, 1.0)
         live.status, live.progress = PENDING, {"percent": 0, "message": "Waiting to retry"}
+        if self.shared and not await self.store.finish(live):
+            return  # cancelled by another node meanwhile
         self._move(RUNNING, PENDING)
-        self.hub.publish("job_retrying", {"job_id": live.id, "attempt": live.attempts,
-                                          "error": live.error, "run_at": live.run_at})
-        await self.store.save(live)
+        self._publish("job_retrying", {"job_id": live.id, "attempt": live.attempts,
+                                       "error": live.error, "run_at": live.run_at})
+        if not self.shared:
+            await self.store.save(live)
         self.on_work()
 
     async def _cancel_live(self, live: Job) -> Job:
@@ -316,10 +362,16 @@ class JobQueue:
         return live
 
     async def _end_live(self, live: Job, event_type: str, data: dict[str, Any]) -> None:
+        """End a job running here. One node: publish, then write (the write carries
+        the terminal seq). Several nodes: write only if the job is still ours, then
+        publish, so a job cancelled elsewhere meanwhile gets no second ending."""
         self._take_live(live.id)
+        if self.shared and not await self.store.finish(live):
+            return
         self._move(RUNNING, live.status)
         self._finish(live, event_type, data)
-        await self.store.save(live)
+        if not self.shared:
+            await self.store.save(live)
 
     def _take_live(self, job_id: int) -> None:
         self._live.pop(job_id, None)
@@ -329,9 +381,11 @@ class JobQueue:
     def _finish(self, job: Job, event_type: str, data: dict[str, Any]) -> None:
         """Publish a terminal event, remember its seq (for SSE ``Last-Event-ID``),
         and prune finished jobs beyond ``keep_finished``."""
-        job.terminal_seq = self.hub.publish(event_type, data).seq
+        job.terminal_seq = self._publish(event_type, data).seq
         if job.id in self._recent:
             self._recent[job.id] = job
+        if self.shared:  # the cluster prunes by the database's count
+            return
         excess = sum(self._counts[s] for s in FINISHED) - self._pruning - self.keep_finished
         if excess > 0:
             self._pruning += excess
@@ -348,6 +402,47 @@ class JobQueue:
         for job_id, status in gone:
             self._counts[status] -= 1
             self._recent.pop(job_id, None)
+
+    def _publish(self, type_: str, data: dict[str, Any]) -> Any:
+        """Publish here and, with several nodes, forward to the others."""
+        event = self.hub.publish(type_, data)
+        if type_ in TERMINAL_EVENTS:
+            self._note_terminal(data["job_id"], event.seq)
+        if self.forward is not None:
+            self.forward(type_, data)
+        return event
+
+    def _note_terminal(self, job_id: int, seq: int) -> None:
+        self._terminal_seqs[job_id] = seq
+        while len(self._terminal_seqs) > TERMINAL_MEMORY:
+            self._terminal_seqs.popitem(last=False)
+
+    def apply_remote(self, type_: str, data: dict[str, Any]) -> None:
+        """An event from another node: publish it here, unless it is about a job
+        whose terminal event was already published here. A ``job_cancelled`` for a
+        job running here stops it (the canceller wrote the cancellation)."""
+        job_id = data.get("job_id")
+        if job_id is not None and job_id in self._terminal_seqs:
+            return
+        if type_ == "job_cancelled" and job_id in self._live:
+            self._take_live(job_id)
+            self.on_cancel(job_id)
+        event = self.hub.publish(type_, data)
+        if type_ in TERMINAL_EVENTS:
+            self._note_terminal(job_id, event.seq)
+        if type_ in ("job_created", "job_retrying"):
+            self.on_work()
+
+    def live_ids(self) -> list[int]:
+        return list(self._live)
+
+    def drop_live(self, job_ids: set[int]) -> None:
+        """Stop running jobs this node no longer holds (lease lost): no write and no
+        event, as another node now owns their fate."""
+        for job_id in job_ids & set(self._live):
+            log.warning("job %s: lease lost, stopping it here", job_id)
+            self._take_live(job_id)
+            self.on_cancel(job_id)
 
     def _move(self, old: str, new: str) -> None:
         self._counts[old] -= 1

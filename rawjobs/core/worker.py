@@ -39,6 +39,7 @@ class Worker:
         self.pool = pool
         self.capacity = concurrency
         self.processed = 0
+        self.nodes: list[dict[str, Any]] | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -47,13 +48,17 @@ class Worker:
         queue.on_cancel = self._cancel_task
 
     def stats(self) -> dict[str, Any]:
-        """``{"active", "capacity", "processed", "is_running"}`` (PROTOCOL.md)."""
-        return {
+        """``{"active", "capacity", "processed", "is_running"}`` (PROTOCOL.md), plus
+        ``nodes: [{id, active, capacity, processed, last_seen}]`` with several nodes."""
+        stats: dict[str, Any] = {
             "active": len(self._tasks),
             "capacity": self.capacity,
             "processed": self.processed,
             "is_running": self._loop_task is not None and not self._stopping,
         }
+        if self.nodes is not None:  # several nodes: each one's last heartbeat
+            stats["nodes"] = self.nodes
+        return stats
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="worker")

@@ -14,6 +14,7 @@ import contextlib
 import email.utils
 import http
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,20 @@ Handler = Callable[[Request], Awaitable["Response | Takeover"]]
 SERVER_NAME = "rawjobs"
 _WRITE_HIGH_WATER = 64 * 1024
 _READ_SIZE = 64 * 1024
+_MAX_LINGERING_REFUSALS = 64
+# h11's own end-of-head pattern (h11/_receivebuffer.py), so that our view of where a
+# head ends agrees with the parser's.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+# What a client is told when h11 rejects its request: fixed sentences, never the
+# exception text (issue 5, point 7).
+_FAULT_MESSAGES = {
+    400: "Bad request",
+    408: "Request took too long to arrive",
+    413: "Request body too large",
+    431: "Request header fields too large",
+    501: "Transfer-Encoding not supported",
+}
 
 
 @dataclass
@@ -36,8 +51,10 @@ class Limits:
 
     ``max_head``: request line plus headers (431 past it); ``max_body``: request body
     (413); ``head_timeout``: from a request's first byte to its complete head, and
-    between body reads (408); ``keepalive_timeout``: idle time between requests;
-    ``write_timeout``: how long a response write may wait for the client to read;
+    between body reads (408), also the idle time allowed before a connection's first
+    request; ``keepalive_timeout``: idle time between requests (then closed quietly);
+    ``write_timeout``: how long a write may wait for the client to read, and how long
+    a closing connection may take to flush before it is aborted;
     ``max_connections``: open connections (503 past it)."""
 
     max_head: int = 16 * 1024
@@ -89,6 +106,7 @@ class HTTPServer:
         self.connections: set[HTTPConnection] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
+        self._lingering = 0
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         """Listen on ``host:port`` (port 0 picks a free one); returns the server."""
@@ -104,7 +122,7 @@ class HTTPServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.closing or len(self.connections) >= self.limits.max_connections:
-            _refuse(writer, 503, "Server is at its connection limit")
+            await self._refuse(reader, writer)
             return
         conn = HTTPConnection(self, reader, writer)
         self.connections.add(conn)
@@ -130,14 +148,34 @@ class HTTPServer:
         for conn in list(self.connections):
             conn.abort()
 
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer 503 without reading the request, then close. The answer must not be
+        lost to a reset (closing with unread request bytes sends RST, RFC 9112
+        section 9.6), so up to ``_MAX_LINGERING_REFUSALS`` refused sockets at a time
+        half-close and drop what the client sends for at most a second first."""
+        writer.write(_refusal(503, "Server is at its connection limit"))
+        if self._lingering >= _MAX_LINGERING_REFUSALS:
+            writer.close()
+            return
+        self._lingering += 1
+        try:
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+                async with asyncio.timeout(1.0):
+                    while await reader.read(_READ_SIZE):
+                        pass
+        finally:
+            self._lingering -= 1
+            writer.close()
 
-def _refuse(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+
+def _refusal(status: int, message: str) -> bytes:
+    """A complete ``Connection: close`` response written without h11 (no request)."""
     body = json_bytes({"error": message})
     head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode("ascii")
-    writer.write(head + body)
-    writer.close()
+    return head + body
 
 
 class HTTPConnection:
@@ -156,6 +194,7 @@ class HTTPConnection:
         self.idle = True
         self._close_when_idle = False
         self._requests = 0
+        self._head = bytearray()
 
     # -- the request loop --------------------------------------------------------
 
@@ -166,10 +205,12 @@ class HTTPConnection:
             await self._answer_fault(fault.status, fault.message)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except TimeoutError:  # a write or drain the client did not let finish
+            log.debug("write to %s timed out; closing", self.client)
         except Exception:
             log.exception("connection from %s failed", self.client)
         finally:
-            self.abort_if_open()
+            await self.close()
 
     async def _serve_requests(self) -> None:
         while True:
@@ -206,11 +247,16 @@ class HTTPConnection:
         """The next complete request, body included; None when the client is done
         or idle too long. Raises ProtocolFault for a request we must refuse."""
         idle_limit = self.limits.keepalive_timeout if self._requests else self.limits.head_timeout
-        event = await self._next_event(idle_limit, first=True)
-        if event is None or isinstance(event, h11.ConnectionClosed):
-            return None
-        if not isinstance(event, h11.Request):
-            raise ProtocolFault(400, "Malformed request")
+        self._head = bytearray(self.h11.trailing_data[0])
+        try:
+            event = await self._next_event(idle_limit, first=True)
+            if event is None or isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):
+                raise ProtocolFault(400, "Malformed request")
+            self._check_raw_head()
+        finally:
+            self._head = bytearray()
         self._requests += 1
         request = Request.from_target(
             event.method.decode("ascii"), event.target.decode("latin-1"),
@@ -219,6 +265,27 @@ class HTTPConnection:
         self._check_framing(request)
         request.body = await self._read_body(request)
         return request
+
+    def _check_raw_head(self) -> None:
+        """Checks the parsed request cannot show, made on the head's bytes.
+
+        h11 folds repeated identical ``Content-Length`` fields (and a list value such
+        as ``5, 5``) into one, so the ``Request`` it returns cannot tell them from a
+        single field; RFC 9112 section 6.3 lets us reject them, and issue 5 says we
+        do (400). h11 also checks its size limit only on a head still incomplete, so a
+        larger head arriving whole in one read would pass. ``_head`` holds the bytes
+        of this head as they arrived: what h11 had not yet parsed when the request
+        cycle began (``trailing_data``: pipelined bytes), then every chunk fed to
+        h11 until it produced the ``Request``. The head is that buffer up to the
+        first blank line, found with h11's own pattern, so both agree on its end.
+        Raises ProtocolFault 431 or 400."""
+        end = _BLANK_LINE.search(self._head)
+        head = self._head if end is None else self._head[: end.end()]
+        if len(head) > self.limits.max_head:
+            raise ProtocolFault(431, _FAULT_MESSAGES[431])
+        values = _CONTENT_LENGTH_LINE.findall(head)
+        if len(values) > 1 or any(b"," in v for v in values):
+            raise ProtocolFault(400, "Duplicate Content-Length")
 
     def _check_framing(self, request: Request) -> None:
         names = [k for k, _ in request.headers]
@@ -256,7 +323,8 @@ class HTTPConnection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ProtocolFault(exc.error_status_hint, str(exc) or "Bad request") from None
+                status = exc.error_status_hint
+                raise ProtocolFault(status, _FAULT_MESSAGES.get(status, "Bad request")) from None
             if event is not h11.NEED_DATA:
                 return event
             if self._close_when_idle and first and not got_bytes:
@@ -271,9 +339,11 @@ class HTTPConnection:
                 if first and not got_bytes:
                     return None
                 raise ProtocolFault(408, "Request took too long to arrive") from None
-            if first and not got_bytes and data:
-                got_bytes = True
-                deadline = time.monotonic() + self.limits.head_timeout
+            if first and data:
+                if not got_bytes:
+                    got_bytes = True
+                    deadline = time.monotonic() + self.limits.head_timeout
+                self._head += data
             self.h11.receive_data(data)
 
     # -- writing -------------------------------------------------------------------
@@ -348,6 +418,18 @@ class HTTPConnection:
                     status_code=status, headers=headers,
                     reason=http.HTTPStatus(status).phrase.encode("ascii"))) + body)
         await self.linger()
+
+    async def close(self) -> None:
+        """Close gracefully, giving the client at most ``write_timeout`` seconds to
+        take what is still buffered; then abort, so no closing write waits forever."""
+        self.abort_if_open(graceful=True)
+        try:
+            async with asyncio.timeout(self.limits.write_timeout):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.transport.abort()
+        except Exception:  # the connection was lost with an error: already closed
+            pass
 
     async def linger(self, seconds: float = 1.0) -> None:
         """Half-close our side, drain what the client still sends, then close."""

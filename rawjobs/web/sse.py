@@ -10,6 +10,7 @@ going away.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ CHUNKED = "sse-chunked"
 RAW = "sse"
 _NEWLINES = re.compile(r"\r\n|\r|\n")
 _MAX_INBOUND = 64 * 1024
+log = logging.getLogger("rawjobs.sse")
 
 
 def encode_event(data: str, event: str | None = None, id: int | str | None = None) -> bytes:
@@ -59,15 +61,17 @@ def frame(payload: bytes, framing: str) -> bytes:
 
 
 class SSESubscriber:
-    """One open event stream. ``framing`` tells the fan-out which bytes it takes."""
+    """One open event stream. ``framing`` tells the fan-out which bytes it takes;
+    ``ended`` is True once the stream is over (``end`` or the client gone)."""
 
-    __slots__ = ("conn", "transport", "framing", "ended")
+    __slots__ = ("conn", "transport", "framing", "ended", "_done")
 
     def __init__(self, conn: HTTPConnection, chunked: bool) -> None:
         self.conn = conn
         self.transport = conn.transport
         self.framing = CHUNKED if chunked else RAW
         self.ended = False
+        self._done = asyncio.Event()
 
     def send(self, payload: bytes) -> None:
         """Write one SSE payload (an event, comment or retry field)."""
@@ -79,6 +83,7 @@ class SSESubscriber:
         if self.ended:
             return
         self.ended = True
+        self._done.set()
         self.conn.end_stream()
         self.conn.abort_if_open(graceful=True)
 
@@ -104,18 +109,33 @@ class SSEStream:
         subscriber = SSESubscriber(conn, conn.start_stream(200, SSE_HEADERS))
         try:
             await self.on_open(subscriber)
-            await _wait_for_disconnect(conn, subscriber)
+            if not subscriber.ended:
+                await _wait_for_end(conn, subscriber)
         finally:
             self.on_close(subscriber)
             subscriber.ended = True
             conn.abort_if_open(graceful=True)
+            log.debug("event stream to %s closed", conn.client)
 
 
-async def _wait_for_disconnect(conn: HTTPConnection, subscriber: SSESubscriber) -> None:
-    """Read until the client closes (EOF or reset) or the stream ends; a client
-    sending more than 64 KiB during a stream is disconnected."""
+async def _wait_for_end(conn: HTTPConnection, subscriber: SSESubscriber) -> None:
+    """Return as soon as the client goes away (EOF or reset, noticed with no event
+    sent) or the stream is ended (``end``: finished, evicted or shut down), so that
+    an ended stream to a client that stopped reading does not wait on its socket."""
+    reading = asyncio.ensure_future(_read_until_gone(conn))
+    ended = asyncio.ensure_future(subscriber._done.wait())
+    try:
+        await asyncio.wait((reading, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reading.cancel()
+        ended.cancel()
+
+
+async def _read_until_gone(conn: HTTPConnection) -> None:
+    """Read until EOF or reset; a client sending more than 64 KiB during a stream
+    (it has nothing to send) counts as gone."""
     received = 0
-    while not subscriber.ended:
+    while received <= _MAX_INBOUND:
         try:
             data = await conn.reader.read(_MAX_INBOUND)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -123,5 +143,3 @@ async def _wait_for_disconnect(conn: HTTPConnection, subscriber: SSESubscriber) 
         if not data:
             return
         received += len(data)
-        if received > _MAX_INBOUND:
-            return

@@ -44,6 +44,9 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 _READ_SIZE = 64 * 1024
+# Close reasons we send: fixed text, never an exception's (issue 5, point 7).
+_REASONS = {PROTOCOL_ERROR: "Protocol error", INVALID_DATA: "Invalid UTF-8",
+            INTERNAL_ERROR: "Internal error"}
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -152,9 +155,10 @@ class WebSockets:
 
     def _tick(self) -> None:
         previous, self._last_ping = self._last_ping, time.monotonic()
+        wait = min(self.config.close_timeout, self.config.ping_timeout)
         for ws in list(self.open):
             if ws.last_seen < previous:
-                ws.close(INTERNAL_ERROR, "keepalive ping timeout")
+                ws.close(INTERNAL_ERROR, "Keepalive ping timeout", wait=wait)
             elif ws.wsproto.state is ConnectionState.OPEN:
                 ws.write(self._ping)
         if self.open:
@@ -201,7 +205,10 @@ class WebSocket:
         self.wsproto = Connection(ConnectionType.SERVER, trailing_data=conn.h11.trailing_data[0])
         self.sockets._register(self)
         try:
-            await self.handler.on_connect(self)
+            try:
+                await self.handler.on_connect(self)
+            except Exception:
+                self._internal_error("on_connect")
             await self._read_loop()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -213,6 +220,11 @@ class WebSocket:
             conn.abort_if_open(graceful=True)
 
     async def _read_loop(self) -> None:
+        """Feed wsproto until the close handshake is done or the TCP connection is
+        gone. After each batch of events, wait (``write_timeout`` at most, then
+        TimeoutError) while our write buffer is over the high-water mark: a client
+        that sends requests but does not read the replies stops being read."""
+        assert self.conn is not None
         while True:
             for event in self.wsproto.events():
                 if isinstance(event, TextMessage):
@@ -221,12 +233,14 @@ class WebSocket:
                     self._on_close(event)
                     return
                 elif isinstance(event, Ping):
-                    self.write(self.wsproto.send(event.response()))
+                    if self.wsproto.state is ConnectionState.OPEN:
+                        self.write(self.wsproto.send(event.response()))
                 elif isinstance(event, BytesMessage):
                     self.close(UNSUPPORTED_DATA, "Binary messages are not supported")
             if self.wsproto.state is ConnectionState.CLOSED or self.transport.is_closing():
                 return
-            data = await self.conn.reader.read(_READ_SIZE)  # type: ignore[union-attr]
+            await self.conn.flush()
+            data = await self.conn.reader.read(_READ_SIZE)
             self.last_seen = time.monotonic()
             self.wsproto.receive_data(data or None)
 
@@ -241,13 +255,28 @@ class WebSocket:
         if event.message_finished:
             text = "".join(self._message)
             self._message, self._message_size = [], 0
-            await self.handler.on_message(self, text)
+            try:
+                await self.handler.on_message(self, text)
+            except Exception:
+                self._internal_error("on_message")
+
+    def _internal_error(self, where: str) -> None:
+        """A handler bug: the log gets the traceback, the client a 1011 close."""
+        log.exception("WebSocket handler %s failed (%s)", where, self.request.path)
+        self.close(INTERNAL_ERROR, _REASONS[INTERNAL_ERROR])
 
     def _on_close(self, event: CloseConnection) -> None:
+        """A Close from the peer (answered, RFC 6455 section 5.5.1), the end of our
+        close handshake, or a fault wsproto found in the peer's frames (state still
+        OPEN: we send the Close wsproto chose, 1002 or 1007, and drop the TCP
+        connection, RFC 6455 section 7.1.7)."""
         if self.wsproto.state is ConnectionState.REMOTE_CLOSING:
             self.write(self.wsproto.send(event.response()))
-        elif self.wsproto.state is ConnectionState.OPEN:  # wsproto found a protocol fault
-            self.write(self.wsproto.send(CloseConnection(code=event.code, reason=event.reason)))
+        elif self.wsproto.state is ConnectionState.OPEN:
+            self.handler.on_disconnect(self)
+            code = event.code if event.code in _REASONS else PROTOCOL_ERROR
+            self.write(self.wsproto.send(CloseConnection(code=code, reason=_REASONS[code])))
+            self.wsproto.receive_data(None)  # the peer's frames cannot be parsed any more
 
     # -- sending ------------------------------------------------------------------
 
@@ -260,16 +289,19 @@ class WebSocket:
         if self.wsproto.state is ConnectionState.OPEN:
             self.write(text_frame(text.encode("utf-8")))
 
-    def close(self, code: int = NORMAL, reason: str = "") -> None:
-        """Start the close handshake (idempotent): send Close, then drop the TCP
-        connection when the peer answers or after ``close_timeout`` seconds."""
+    def close(self, code: int = NORMAL, reason: str = "", wait: float | None = None) -> None:
+        """Start the close handshake (RFC 6455 section 7.1.2; idempotent): send
+        Close with ``code`` (never 1005/1006/1015) and ``reason``, then drop the TCP
+        connection when the peer answers or after ``wait`` seconds (default
+        ``close_timeout``)."""
         if self.wsproto.state is not ConnectionState.OPEN:
             return
         self.handler.on_disconnect(self)
         with contextlib.suppress(Exception):
             self.write(self.wsproto.send(CloseConnection(code=code, reason=reason)))
         loop = asyncio.get_running_loop()
-        self._closer = loop.call_later(self.sockets.config.close_timeout, self._drop)
+        delay = self.sockets.config.close_timeout if wait is None else wait
+        self._closer = loop.call_later(delay, self._drop)
 
     def evict(self) -> None:
         self.close(TRY_AGAIN_LATER, "Too far behind; reconnect")

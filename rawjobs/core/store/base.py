@@ -8,6 +8,7 @@ acknowledged job survives the process dying the next instant.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 from ..model import FAILED, PENDING, QUEUED_PROGRESS, STATUSES, Job
@@ -17,6 +18,9 @@ class Store(abc.ABC):
     """Where jobs live. All methods are coroutines; none blocks the event loop."""
 
     durable: bool = False
+    shared: bool = False
+    """True when several nodes share the store (PostgreSQL): transitions of running
+    jobs are then written conditionally (``finish``) before they are published."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -67,6 +71,17 @@ class Store(abc.ABC):
         """Write every field of an existing job (a transition decided by the queue)."""
 
     @abc.abstractmethod
+    async def finish(self, job: Job) -> bool:
+        """Write the transition of a job this node runs (completed, failed, waiting
+        for a retry, back to pending). False, with nothing written, when the job is no
+        longer running here (cancelled by another node, or its lease lost)."""
+
+    @abc.abstractmethod
+    async def cancel_running(self, job_id: int, now: float) -> Job | None:
+        """Mark a running job cancelled wherever it runs; None if it is not running.
+        Its node stops it when the ``job_cancelled`` event reaches it."""
+
+    @abc.abstractmethod
     async def save_progress(self, job_id: int, progress: dict[str, Any]) -> None:
         """Record a running job's latest progress ``{"percent", "message"}``."""
 
@@ -99,6 +114,44 @@ class Store(abc.ABC):
     async def reserve_seq(self, count: int, at_least: int) -> int:
         """Reserve ``count`` event sequence numbers: returns ``first`` >= ``at_least``
         and >= every number reserved before, and records ``first + count`` durably."""
+
+
+class SharedStore(Store):
+    """A store several nodes share: leases, heartbeats and an event channel."""
+
+    shared = True
+    node_id: str
+    lease_seconds: float
+
+    @abc.abstractmethod
+    async def heartbeat(self, stats: dict[str, Any], running: list[int]) -> set[int]:
+        """Record this node alive with worker ``stats`` (active, capacity, processed)
+        and renew the leases of its ``running`` jobs; returns the ids still held."""
+
+    @abc.abstractmethod
+    async def reap(self, max_interruptions: int) -> list[Job]:
+        """Jobs whose lease expired go back to pending (or fail "interrupted")."""
+
+    @abc.abstractmethod
+    async def nodes(self, max_age: float) -> list[dict[str, Any]]:
+        """Nodes seen in the last ``max_age`` seconds."""
+
+    @abc.abstractmethod
+    async def forget_node(self) -> None:
+        """Remove this node from the nodes list (clean shutdown)."""
+
+    @abc.abstractmethod
+    async def finished_count(self) -> int:
+        """How many finished jobs are stored."""
+
+    @abc.abstractmethod
+    async def notify(self, payload: str) -> None:
+        """Send ``payload`` to every listening node."""
+
+    @abc.abstractmethod
+    async def listen(self, callback: Callable[[str], None]) -> Any:
+        """Start listening; ``callback(payload)`` per notification. Returns a handle
+        with ``close()`` and ``add_termination_listener``."""
 
 
 def empty_counts() -> dict[str, int]:

@@ -124,6 +124,21 @@ class MemoryStore(Store):
         ):
             self._enqueue(stored)
 
+    async def finish(self, job: Job) -> bool:
+        current = self._jobs.get(job.id)
+        if current is None or current.status != RUNNING:
+            return False
+        await self.save(job)
+        return True
+
+    async def cancel_running(self, job_id: int, now: float) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status != RUNNING:
+            return None
+        job.status, job.completed_at = CANCELLED, now
+        self._finished_order.append(job_id)
+        return job.copy()
+
     async def save_progress(self, job_id: int, progress: dict[str, Any]) -> None:
         job = self._jobs.get(job_id)
         if job is not None and job.status == RUNNING:

@@ -264,6 +264,30 @@ class SQLiteStore(Store):
         job = job.copy()
         await self._call(lambda conn: _write(conn, job))
 
+    async def finish(self, job: Job) -> bool:
+        job = job.copy()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if row is None or row[0] != RUNNING:
+                return False
+            _write(conn, job)
+            return True
+
+        return await self._call(op)
+
+    async def cancel_running(self, job_id: int, now: float) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != RUNNING:
+                return None
+            job = _from_row(row)
+            job.status, job.completed_at = CANCELLED, now
+            _write(conn, job)
+            return job
+
+        return await self._call(op)
+
     async def save_progress(self, job_id: int, progress: dict[str, Any]) -> None:
         text = json.dumps(progress, separators=(",", ":"))
         await self._call(lambda conn: conn.execute(

@@ -1,0 +1,107 @@
+"""The ``socket.send()`` floor: what writing one pre-encoded 250-byte WebSocket frame
+to each of N loopback subscribers costs in CPU when nothing else happens. Nothing
+in Python can fan out for less.
+
+    python bench/floor.py --subscribers 1000
+
+prints ``{"port": P}``; accepts N WebSocket handshakes (a 101 and one first frame
+each, so the load client sees them as connected), prints ``{"connected": N}``; then
+each ``go ROUNDS`` line on stdin runs the loop ``for frame in frames: for sock in
+socks: sock.send(frame)`` over ROUNDS frames (blocking sockets: a full buffer waits
+without using CPU) and prints ``{"messages", "cpu_s", "wall_s", "us_per_message"}``
+(CPU: this process's user + system time, from getrusage). ``quit`` ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import resource
+import socket
+import sys
+import time
+
+FRAME_SIZE = 250
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def frame(seq: int) -> bytes:
+    """A 250-byte unmasked text frame (4-byte header + JSON padded to 246 bytes)."""
+    head = '{"type":"job_progress","data":{"job_id":1,"percent":50,"message":"'
+    tail = f'"}},"seq":{seq}}}'
+    pad = "x" * (FRAME_SIZE - 4 - len(head) - len(tail))
+    payload = (head + pad + tail).encode()
+    return bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
+
+
+def handshake(sock: socket.socket) -> None:
+    """Read the upgrade request, answer 101 and a first message."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        request += chunk
+    key = b""
+    for line in request.split(b"\r\n"):
+        if line.lower().startswith(b"sec-websocket-key:"):
+            key = line.split(b":", 1)[1].strip()
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                 + frame(0))
+
+
+def accept_all(listener: socket.socket, count: int) -> list[socket.socket]:
+    socks = []
+    while len(socks) < count:
+        sock, _ = listener.accept()
+        sock.settimeout(30)
+        handshake(sock)
+        sock.settimeout(None)
+        socks.append(sock)
+    return socks
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def send_loop(socks: list[socket.socket], rounds: int) -> dict:
+    frames = [frame(seq) for seq in range(1, rounds + 1)]
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    for data in frames:
+        for sock in socks:
+            sent = sock.send(data)
+            if sent < FRAME_SIZE:
+                sock.sendall(data[sent:])
+    cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+    messages = rounds * len(socks)
+    return {"messages": messages, "cpu_s": cpu, "wall_s": wall,
+            "us_per_message": cpu / messages * 1e6 if messages else 0.0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--subscribers", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    listener = socket.create_server(("127.0.0.1", args.port), backlog=4096)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
+    socks = accept_all(listener, args.subscribers)
+    print(json.dumps({"connected": len(socks)}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        if words[0] == "go":
+            print(json.dumps(send_loop(socks, int(words[1]))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
