@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -51,6 +52,25 @@ class SyncJobContext:
         time.sleep(seconds)
 
 
+class AsyncProcessJobContext(SyncJobContext):
+    """The context of an ``async def`` handler registered with ``executor="process"``:
+    it runs on its own event loop in the worker process, so ``progress`` and
+    ``sleep`` are coroutines, as on the server's loop."""
+
+    async def progress(self, percent: float, message: str = "") -> None:  # type: ignore[override]
+        SyncJobContext.progress(self, percent, message)
+
+    async def sleep(self, seconds: float) -> None:  # type: ignore[override]
+        await asyncio.sleep(seconds)
+
+
+def _call(fn: Callable[..., Any], conn: Any, job_id: int, params: dict[str, Any],
+          attempt: int) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return asyncio.run(fn(AsyncProcessJobContext(conn, job_id, params, attempt)))
+    return fn(SyncJobContext(conn, job_id, params, attempt))
+
+
 def _resolve(module: str, qualname: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module)
     for part in qualname.split("."):
@@ -68,9 +88,8 @@ def _child_main(conn: Any) -> None:
         except (EOFError, OSError):
             return
         _, module, qualname, job_id, params, attempt = request
-        ctx = SyncJobContext(conn, job_id, params, attempt)
         try:
-            result = _resolve(module, qualname)(ctx)
+            result = _call(_resolve(module, qualname), conn, job_id, params, attempt)
             reply = ("result", result)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             reply = ("error", str(exc) or type(exc).__name__, traceback.format_exc())
@@ -98,6 +117,7 @@ class ProcessPool:
         self.kill_grace = kill_grace
         self._idle: list[_Proc] = []
         self._busy: set[_Proc] = set()
+        self._retiring: dict[_Proc, asyncio.TimerHandle] = {}
 
     async def run(
         self,
@@ -159,30 +179,38 @@ class ProcessPool:
             done.set_exception(ProcessJobError(message[1]))
 
     def _retire(self, proc: _Proc) -> None:
-        """Terminate a process that may still be working; SIGKILL if it lingers."""
+        """Terminate a process that may still be working; SIGKILL if it lingers
+        ``kill_grace`` seconds (or at ``close``, whichever comes first)."""
         proc.conn.close()
         if not proc.process.is_alive():
             proc.process.join(0)
             return
         proc.process.terminate()
         loop = asyncio.get_running_loop()
-        loop.call_later(self.kill_grace, self._reap, proc)
+        self._retiring[proc] = loop.call_later(self.kill_grace, self._reap, proc)
 
-    @staticmethod
-    def _reap(proc: _Proc) -> None:
+    def _reap(self, proc: _Proc) -> None:
+        self._retiring.pop(proc, None)
         if proc.process.is_alive():
             proc.process.kill()
-        proc.process.join(0.05)
+        proc.process.join(1.0)
 
     def close(self) -> None:
-        """Stop every worker process (idle ones politely, busy ones at once)."""
-        for proc in self._idle + list(self._busy):
+        """Stop every worker process: SIGTERM, ``kill_grace`` seconds, then SIGKILL
+        (a handler that ignores SIGTERM cannot keep the server from exiting)."""
+        for handle in self._retiring.values():
+            handle.cancel()
+        procs = self._idle + list(self._busy) + list(self._retiring)
+        for proc in procs:
             proc.conn.close()
             if proc.process.is_alive():
                 proc.process.terminate()
-        for proc in self._idle + list(self._busy):
-            proc.process.join(self.kill_grace)
+        deadline = time.monotonic() + self.kill_grace
+        for proc in procs:
+            proc.process.join(max(0.0, deadline - time.monotonic()))
             if proc.process.is_alive():
                 proc.process.kill()
+                proc.process.join(1.0)
         self._idle.clear()
         self._busy.clear()
+        self._retiring.clear()

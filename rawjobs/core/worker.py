@@ -108,8 +108,11 @@ class Worker:
         return None if run_at is None else max(0.0, run_at - time.time()) + 0.001
 
     def _launch(self, job: Job) -> None:
-        task = asyncio.get_running_loop().create_task(self._execute(job), name=f"job-{job.id}")
+        task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
+        # A callback, not a finally: a task cancelled before its first step never
+        # runs its body, but its callbacks always run.
+        task.add_done_callback(lambda _task, job_id=job.id: self._finished(job_id))
         self.hub.publish("worker_stats", self.stats())
 
     def _cancel_task(self, job_id: int) -> None:
@@ -117,14 +120,11 @@ class Worker:
         if task is not None:
             task.cancel()
 
-    async def _execute(self, job: Job) -> None:
-        try:
-            await self._run_job(job)
-        finally:
-            self._tasks.pop(job.id, None)
-            self.processed += 1
-            self.hub.publish("worker_stats", self.stats())
-            self.wake()
+    def _finished(self, job_id: int) -> None:
+        self._tasks.pop(job_id, None)
+        self.processed += 1
+        self.hub.publish("worker_stats", self.stats())
+        self.wake()
 
     async def _run_job(self, job: Job) -> None:
         jt = self.registry.get(job.type)
