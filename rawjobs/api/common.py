@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from ..core.errors import Conflict, JobError, NotFound, QueueFull, ValidationError
+from ..core.jobs import OPTION_NAMES
 from ..web.http import Response, error_response
 
 _ID_RE = re.compile(r"^[0-9]{1,18}$")
@@ -60,13 +61,9 @@ def job_error_response(exc: JobError) -> Response:
     return error_response(status, exc.message, headers=headers, **exc.fields)
 
 
-JOB_OPTION_FIELDS = ("priority", "delay", "run_at", "timeout", "max_attempts",
-                     "idempotency_key")
-
-
 def job_options(body: dict[str, Any], idempotency_header: str | None = None) -> dict[str, Any]:
     """The job options of a create request (REST body or ``create_job`` message)."""
-    options = {k: body[k] for k in JOB_OPTION_FIELDS if k in body}
+    options = {k: body[k] for k in OPTION_NAMES if k in body}
     if idempotency_header is not None:
         options["idempotency_key"] = idempotency_header
     return options

@@ -157,6 +157,7 @@ class ProcessPool:
                 while not done.done() and proc.conn.poll():
                     self._handle(proc.conn.recv(), done, report)
             except (EOFError, OSError):
+                proc.process.join(0.1)  # it has closed its end: it is exiting
                 code = proc.process.exitcode
                 done.set_exception(ProcessJobError(f"Worker process died (exit code {code})"))
 

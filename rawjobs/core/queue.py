@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import Conflict, NotFound, QueueFull
 from .events import EventHub
-from .jobs import OPTION_NAMES, Registry, validate_options
+from .jobs import Registry, validate_options
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -207,9 +207,11 @@ class JobQueue:
         jt = self.registry.require(job_type)
         normalised = jt.validate_params(params)
         opts = validate_options(options, jt)
+        # What makes two requests "the same" for an idempotency key: the normalised
+        # params and options (defaults filled), and the delay or run_at as sent.
         fingerprint = json.dumps(
-            [jt.name, normalised, {k: options.get(k) for k in OPTION_NAMES[:-1]}],
-            sort_keys=True, default=str,
+            [jt.name, normalised, opts.priority, opts.timeout, opts.max_attempts,
+             options.get("delay"), options.get("run_at")], sort_keys=True, default=str,
         )
         if self._counts[PENDING] >= self.max_pending:
             raise QueueFull(f"Too many pending jobs (limit {self.max_pending})", retry_after=5)
@@ -279,17 +281,20 @@ class JobQueue:
 
     # -- worker side ------------------------------------------------------------------
 
-    async def claim(self) -> Job | None:
-        """Take the next runnable job, mark it running here, publish ``job_started``."""
-        job = await self.store.claim(time.time())
-        if job is None:
-            return None
-        self._live[job.id] = job
-        self._move(PENDING, RUNNING)
-        if job.id in self._recent:
-            self._recent[job.id] = job
+    async def claim(self, limit: int = 1) -> list[Job]:
+        """Take up to ``limit`` runnable jobs and mark them running here; the worker
+        calls ``started`` for each as it launches it."""
+        jobs = await self.store.claim_many(time.time(), limit)
+        for job in jobs:
+            self._live[job.id] = job
+            self._move(PENDING, RUNNING)
+            if job.id in self._recent:
+                self._recent[job.id] = job
+        return jobs
+
+    def started(self, job: Job) -> None:
+        """Publish ``job_started`` for a job just claimed."""
         self._publish("job_started", {"job_id": job.id, "started_at": job.started_at})
-        return job
 
     async def next_run_at(self) -> float | None:
         return await self.store.next_run_at()
@@ -321,6 +326,7 @@ class JobQueue:
             return
         self._publish("job_progress", {"job_id": job_id, **FINAL_PROGRESS_EVENT})
         live.status, live.result, live.progress = COMPLETED, result, dict(COMPLETED_PROGRESS)
+        live.error = None  # an earlier attempt's error no longer applies
         live.completed_at = time.time()
         duration = round(live.completed_at - (live.started_at or live.completed_at), 3)
         await self._end_live(live, "job_completed",

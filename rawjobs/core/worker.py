@@ -85,10 +85,11 @@ class Worker:
             self._wake.clear()
             try:
                 while len(self._tasks) < self.capacity and not self._stopping:
-                    job = await self.queue.claim()
-                    if job is None:
+                    jobs = await self.queue.claim(self.capacity - len(self._tasks))
+                    for job in jobs:
+                        self._launch(job)
+                    if not jobs:
                         break
-                    self._launch(job)
                 timeout = await self._idle_timeout()
             except Exception:
                 log.exception("claiming a job failed; retrying in 1 s")
@@ -108,6 +109,7 @@ class Worker:
         return None if run_at is None else max(0.0, run_at - time.time()) + 0.001
 
     def _launch(self, job: Job) -> None:
+        self.queue.started(job)
         task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
         # A callback, not a finally: a task cancelled before its first step never

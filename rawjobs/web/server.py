@@ -153,7 +153,8 @@ class HTTPServer:
         lost to a reset (closing with unread request bytes sends RST, RFC 9112
         section 9.6), so up to ``_MAX_LINGERING_REFUSALS`` refused sockets at a time
         half-close and drop what the client sends for at most a second first."""
-        writer.write(_refusal(503, "Server is at its connection limit"))
+        reason = "Server is shutting down" if self.closing else "Server is at its connection limit"
+        writer.write(_refusal(503, reason))
         if self._lingering >= _MAX_LINGERING_REFUSALS:
             writer.close()
             return

@@ -125,15 +125,15 @@ def handshake_problem(request: Request, config: WebSocketConfig) -> Response | N
 
 
 class WebSockets:
-    """The open WebSockets of a server, their configuration and their keepalive:
-    one timer pings every connection each ``ping_interval`` and closes the ones that
-    stayed silent since the previous ping."""
+    """The open WebSockets of a server, their configuration and their keepalive
+    (RFC 6455 section 5.5.2): one timer pings every connection each
+    ``ping_interval`` seconds and closes with 1011 a peer from which nothing at all
+    (pong or otherwise) has arrived for ``ping_timeout`` seconds after a ping."""
 
     def __init__(self, config: WebSocketConfig | None = None) -> None:
         self.config = config or WebSocketConfig()
         self.open: set[WebSocket] = set()
         self._ticker: asyncio.TimerHandle | None = None
-        self._last_ping = 0.0
         self._ping = ping_frame(b"rawjobs")
 
     def accept(self, request: Request, handler: WebSocketHandler) -> Response | WebSocket:
@@ -145,22 +145,26 @@ class WebSockets:
 
     def _register(self, ws: WebSocket) -> None:
         self.open.add(ws)
-        if self._ticker is None:
+        if self._ticker is None and self.config.ping_interval > 0:
             loop = asyncio.get_running_loop()
-            self._last_ping = time.monotonic()
             self._ticker = loop.call_later(self.config.ping_interval, self._tick)
 
     def _unregister(self, ws: WebSocket) -> None:
         self.open.discard(ws)
 
     def _tick(self) -> None:
-        previous, self._last_ping = self._last_ping, time.monotonic()
-        wait = min(self.config.close_timeout, self.config.ping_timeout)
+        now = time.monotonic()
         for ws in list(self.open):
-            if ws.last_seen < previous:
+            if ws.wsproto.state is not ConnectionState.OPEN:
+                continue
+            pinged = ws.unanswered_ping
+            if pinged is None or ws.last_seen >= pinged:  # heard from since: ping anew
+                ws.unanswered_ping = now
+            elif now - pinged >= self.config.ping_timeout - 0.001:
+                wait = min(self.config.close_timeout, self.config.ping_timeout)
                 ws.close(INTERNAL_ERROR, "Keepalive ping timeout", wait=wait)
-            elif ws.wsproto.state is ConnectionState.OPEN:
-                ws.write(self._ping)
+                continue
+            ws.write(self._ping)
         if self.open:
             loop = asyncio.get_running_loop()
             self._ticker = loop.call_later(self.config.ping_interval, self._tick)
@@ -187,6 +191,7 @@ class WebSocket:
         self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
         self.wsproto = Connection(ConnectionType.SERVER)
         self.last_seen = time.monotonic()
+        self.unanswered_ping: float | None = None
         self._message: list[str] = []
         self._message_size = 0
         self._closer: asyncio.TimerHandle | None = None
@@ -304,7 +309,10 @@ class WebSocket:
         self._closer = loop.call_later(delay, self._drop)
 
     def evict(self) -> None:
-        self.close(TRY_AGAIN_LATER, "Too far behind; reconnect")
+        """Fell too far behind (the fan-out's buffer cap): close with 1013; a client
+        that does not read our Close within ``write_timeout`` is dropped."""
+        wait = self.conn.limits.write_timeout if self.conn is not None else None
+        self.close(TRY_AGAIN_LATER, "Too far behind; reconnect", wait=wait)
 
     def _drop(self) -> None:
         if self.conn is not None:

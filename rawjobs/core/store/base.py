@@ -62,6 +62,17 @@ class Store(abc.ABC):
         the "Starting..." progress.
         """
 
+    async def claim_many(self, now: float, limit: int) -> list[Job]:
+        """Claim up to ``limit`` jobs at once, in ``claim`` order. Backends override
+        this to do it in one round trip."""
+        jobs = []
+        while len(jobs) < limit:
+            job = await self.claim(now)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
     @abc.abstractmethod
     async def next_run_at(self) -> float | None:
         """The earliest ``run_at`` among pending jobs that are not yet runnable."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import deque
 from typing import Any
 
 from ..model import (
@@ -29,9 +28,12 @@ class MemoryStore(Store):
         self._last_id = 0
         self._ready: list[tuple[int, int]] = []
         self._delayed: list[tuple[float, int]] = []
-        self._finished_order: deque[int] = deque()
+        self._finished: list[tuple[float, int]] = []  # heap of (completed_at, id)
         self._keys: dict[str, int] = {}
         self._seq_high = 1
+
+    def _note_finished(self, job: Job) -> None:
+        heapq.heappush(self._finished, (job.completed_at or 0.0, job.id))
 
     async def open(self) -> None:
         """Nothing to open: the jobs live in this object."""
@@ -118,7 +120,7 @@ class MemoryStore(Store):
         stored = job.copy()
         self._jobs[job.id] = stored
         if stored.status in FINISHED and current.status not in FINISHED:
-            self._finished_order.append(job.id)
+            self._note_finished(job)
         if stored.status == PENDING and (
             not was_pending or (current.run_at, current.priority) != (stored.run_at, stored.priority)
         ):
@@ -136,7 +138,7 @@ class MemoryStore(Store):
         if job is None or job.status != RUNNING:
             return None
         job.status, job.completed_at = CANCELLED, now
-        self._finished_order.append(job_id)
+        self._note_finished(job)
         return job.copy()
 
     async def save_progress(self, job_id: int, progress: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ class MemoryStore(Store):
             return job.copy(), False
         job.status = CANCELLED
         job.completed_at = now
-        self._finished_order.append(job_id)
+        self._note_finished(job)
         return job.copy(), True
 
     def _delete(self, job_id: int, gone: list[tuple[int, str]]) -> None:
@@ -165,13 +167,16 @@ class MemoryStore(Store):
         gone: list[tuple[int, str]] = []
         for job_id in [i for i, j in self._jobs.items() if j.status in FINISHED]:
             self._delete(job_id, gone)
-        self._finished_order.clear()
+        self._finished.clear()
         return gone
 
     async def prune_finished(self, count: int) -> list[tuple[int, str]]:
         gone: list[tuple[int, str]] = []
-        while len(gone) < count and self._finished_order:
-            self._delete(self._finished_order.popleft(), gone)
+        while len(gone) < count and self._finished:
+            completed_at, job_id = heapq.heappop(self._finished)
+            job = self._jobs.get(job_id)
+            if job is not None and job.finished and job.completed_at == completed_at:
+                self._delete(job_id, gone)
         return gone
 
     async def stats(self) -> dict[str, int]:
@@ -188,7 +193,7 @@ class MemoryStore(Store):
                 if job.status == PENDING:
                     self._enqueue(job)
                 else:
-                    self._finished_order.append(job.id)
+                    self._note_finished(job)
                 changed.append(job.copy())
         return changed
 

@@ -180,16 +180,20 @@ class PostgresStore(SharedStore):
         return [_job(r) for r in rows]
 
     async def claim(self, now: float) -> Job | None:
-        row = await self.pool.fetchrow(
+        jobs = await self.claim_many(now, 1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, now: float, limit: int) -> list[Job]:
+        rows = await self.pool.fetch(
             "UPDATE rawjobs_jobs SET status = 'running', attempts = attempts + 1,"
             " started_at = $1, run_at = NULL, progress = $2, node_id = $3,"
             f" lease_until = {_NOW} + $4"
-            " WHERE id = (SELECT id FROM rawjobs_jobs WHERE status = 'pending'"
+            " WHERE id IN (SELECT id FROM rawjobs_jobs WHERE status = 'pending'"
             "   AND (run_at IS NULL OR run_at <= $1) ORDER BY priority DESC, id"
-            "   FOR UPDATE SKIP LOCKED LIMIT 1)"
+            "   LIMIT $5 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
-            now, json.dumps(STARTING_PROGRESS), self.node_id, self.lease_seconds)
-        return _job(row) if row else None
+            now, json.dumps(STARTING_PROGRESS), self.node_id, self.lease_seconds, limit)
+        return sorted((_job(r) for r in rows), key=lambda job: (-job.priority, job.id))
 
     async def next_run_at(self) -> float | None:
         return await self.pool.fetchval(

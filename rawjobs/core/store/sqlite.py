@@ -234,27 +234,31 @@ class SQLiteStore(Store):
         return await self._call(op)
 
     async def claim(self, now: float) -> Job | None:
-        def op(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute(
-                "SELECT * FROM jobs WHERE status = 'pending' AND (run_at IS NULL OR run_at <= ?)"
-                " ORDER BY priority DESC, id LIMIT 1",
-                (now,),
-            ).fetchone()
-            if row is None:
-                return None
-            job = _from_row(row)
-            job.status, job.started_at, job.run_at = RUNNING, now, None
-            job.attempts += 1
-            job.progress = dict(STARTING_PROGRESS)
-            _write(conn, job)
-            return job
+        jobs = await self.claim_many(now, 1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, now: float, limit: int) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT * FROM jobs INDEXED BY jobs_pending WHERE status = 'pending'"
+                " AND (run_at IS NULL OR run_at <= ?) ORDER BY priority DESC, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            jobs = [_from_row(row) for row in rows]
+            for job in jobs:
+                job.status, job.started_at, job.run_at = RUNNING, now, None
+                job.attempts += 1
+                job.progress = dict(STARTING_PROGRESS)
+                _write(conn, job)
+            return jobs
 
         return await self._call(op)
 
     async def next_run_at(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT MIN(run_at) FROM jobs WHERE status = 'pending' AND run_at IS NOT NULL"
+                "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_delayed"
+                " WHERE status = 'pending' AND run_at IS NOT NULL"
             ).fetchone()
             return row[0]
 
