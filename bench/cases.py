@@ -40,7 +40,8 @@ def _settle(server: Server) -> int:
 
 
 def floor(subscribers: int, rounds: int) -> dict:
-    """The socket.send() floor with ``subscribers`` loopback WebSocket readers."""
+    """The socket.send() floor with ``subscribers`` loopback WebSocket readers: plain
+    sockets (Nagle on), then with TCP_NODELAY as asyncio's transports have it."""
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"),
                              "--subscribers", str(subscribers)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -49,19 +50,30 @@ def floor(subscribers: int, rounds: int) -> dict:
         with Clients(port, ws=subscribers) as clients:
             connect = clients.connect()
             json.loads(proc.stdout.readline())  # {"connected": N}
-            clients.reset()
-            window = CpuWindow(proc.pid, clients.pids)
-            proc.stdin.write(f"go {rounds}\n")
-            proc.stdin.flush()
-            result = json.loads(proc.stdout.readline())
-            counts = clients.wait_for(result["messages"], timeout=120)
-            cpu = window.stop()
+            plain = _floor_round(proc, clients, rounds, "")
+            nodelay = _floor_round(proc, clients, rounds, "nodelay")
     finally:
         _end(proc)
-    return {"subscribers": subscribers, "us_per_message": result["us_per_message"],
-            "messages": result["messages"], "delivered": counts["messages"],
+    return {"subscribers": subscribers, "us_per_message": plain["us_per_message"],
+            "system_share": plain["system_s"] / plain["cpu_s"] if plain["cpu_s"] else 0.0,
+            "us_per_message_nodelay": nodelay["us_per_message"],
+            "messages": plain["messages"] + nodelay["messages"],
+            "delivered": plain["delivered"] + nodelay["delivered"],
             "connect_per_s": connect["connected"] / connect["wall_s"],
-            "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
+            "other_pct": max(plain["other_pct"], nodelay["other_pct"]),
+            "disturbed": plain["disturbed"] or nodelay["disturbed"]}
+
+
+def _floor_round(proc: subprocess.Popen, clients: Clients, rounds: int, option: str) -> dict:
+    clients.reset()
+    window = CpuWindow(proc.pid, clients.pids)
+    proc.stdin.write(f"go {rounds} {option}\n")
+    proc.stdin.flush()
+    result = json.loads(proc.stdout.readline())
+    counts = clients.wait_for(result["messages"], timeout=120)
+    cpu = window.stop()
+    return {**result, "delivered": counts["messages"], "other_pct": cpu["other_pct"],
+            "disturbed": cpu["disturbed"]}
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -106,7 +118,9 @@ def burst(variant: Variant, subscribers: int, jobs: int, events: int,
         "lost": sum(counts["lost"].values()),
         "server_cpu_s": cpu["server_cpu_s"],
         "cpu_us_per_message": cpu["server_cpu_s"] / max(1, delivered) * 1e6,
-        "duration_s": counts["wait_s"],
+        "system_share": cpu["server_system_s"] / cpu["server_cpu_s"] if cpu["server_cpu_s"]
+        else 0.0,
+        "duration_s": cpu["wall_s"],
         **_prefixed("latency", latency(pairs)), **_prefixed("stats", stats),
         "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"],
     }
@@ -190,28 +204,37 @@ def stats_wrk(variant: Variant, seconds: float) -> dict:
 def queue_http(variant: Variant, seconds: float, db: str = ":memory:") -> dict:
     """No-op bench jobs POSTed by ``wrk -t1 -c100`` (keep-alive) to a server with
     worker concurrency 100: jobs created per second, and created-and-completed per
-    second (from the first POST until the last job completed)."""
+    second (from the first POST until the last job completed). Counts come from the
+    job ids (assigned 1, 2, ...) and the worker's ``processed``, which pruning of
+    finished jobs does not change."""
     with Server(variant, concurrency=100, db=db) as server:
         started = time.perf_counter()
         figures = wrk(server.port, "/api/jobs", seconds, 100, script=POST_SCRIPT)
-        created = figures["requests"] - figures["non_2xx"]
-        completed, done_at = _wait_completed(server.port, created, started)
-    return {"created_per_s": created / seconds, "created": created, "completed": completed,
-            "completed_per_s": completed / (done_at - started), "non_2xx": figures["non_2xx"],
-            "disturbed": False}
+        created = create_jobs(server.port, 1, {"events": 0})[0]
+        done_at = _wait_processed(server.port, created)
+    _remove_db(db)
+    return {"created_per_s": created / seconds, "created": created,
+            "completed_per_s": created / (done_at - started),
+            "non_2xx": figures["non_2xx"], "wrk_req_per_s": figures["req_per_s"]}
 
 
-def _wait_completed(port: int, created: float, started: float) -> tuple[int, float]:
+def _wait_processed(port: int, jobs: int, timeout: float = 120) -> float:
+    """Poll GET /api/stats until the worker has processed ``jobs``; returns
+    time.perf_counter() then. Raises TimeoutError."""
     http = Http(port)
-    deadline = time.perf_counter() + 120
-    while True:
-        stats = http.request("GET", "/api/stats")[1]
-        done = stats["queue"]["completed"]
-        now = time.perf_counter()
-        if done >= created or now > deadline:
-            http.close()
-            return done, now
-        time.sleep(0.02)
+    deadline = time.perf_counter() + timeout
+    while http.request("GET", "/api/stats")[1]["worker"]["processed"] < jobs:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{jobs} jobs not processed in {timeout} s")
+        time.sleep(0.01)
+    http.close()
+    return time.perf_counter()
+
+
+def _remove_db(db: str) -> None:
+    if db != ":memory:":
+        for suffix in ("", "-wal", "-shm"):
+            Path(db + suffix).unlink(missing_ok=True)
 
 
 def queue_inprocess() -> dict | None:

@@ -8,8 +8,11 @@ prints ``{"port": P}``; accepts N WebSocket handshakes (a 101 and one first fram
 each, so the load client sees them as connected), prints ``{"connected": N}``; then
 each ``go ROUNDS`` line on stdin runs the loop ``for frame in frames: for sock in
 socks: sock.send(frame)`` over ROUNDS frames (blocking sockets: a full buffer waits
-without using CPU) and prints ``{"messages", "cpu_s", "wall_s", "us_per_message"}``
-(CPU: this process's user + system time, from getrusage). ``quit`` ends it.
+without using CPU) and prints ``{"messages", "cpu_s", "user_s", "system_s", "wall_s",
+"us_per_message"}`` (CPU: this process's user + system time, from getrusage).
+``go ROUNDS nodelay`` sets TCP_NODELAY on every socket first, as asyncio does on
+its transports: each send is then its own TCP segment, where plain sockets let Nagle
+merge the sends that follow an unacknowledged one. ``quit`` ends it.
 """
 
 from __future__ import annotations
@@ -65,23 +68,26 @@ def accept_all(listener: socket.socket, count: int) -> list[socket.socket]:
     return socks
 
 
-def cpu_seconds() -> float:
+def cpu_seconds() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
-def send_loop(socks: list[socket.socket], rounds: int) -> dict:
+def send_loop(socks: list[socket.socket], rounds: int, nodelay: bool) -> dict:
+    for sock in socks:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
     frames = [frame(seq) for seq in range(1, rounds + 1)]
-    cpu, wall = cpu_seconds(), time.perf_counter()
+    (user, system), wall = cpu_seconds(), time.perf_counter()
     for data in frames:
         for sock in socks:
             sent = sock.send(data)
             if sent < FRAME_SIZE:
                 sock.sendall(data[sent:])
-    cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+    wall = time.perf_counter() - wall
+    user, system = (b - a for a, b in zip((user, system), cpu_seconds(), strict=True))
     messages = rounds * len(socks)
-    return {"messages": messages, "cpu_s": cpu, "wall_s": wall,
-            "us_per_message": cpu / messages * 1e6 if messages else 0.0}
+    return {"messages": messages, "cpu_s": user + system, "user_s": user, "system_s": system,
+            "wall_s": wall, "us_per_message": (user + system) / messages * 1e6}
 
 
 def main() -> None:
@@ -100,7 +106,8 @@ def main() -> None:
         if not words or words[0] == "quit":
             break
         if words[0] == "go":
-            print(json.dumps(send_loop(socks, int(words[1]))), flush=True)
+            nodelay = words[2:] == ["nodelay"]
+            print(json.dumps(send_loop(socks, int(words[1]), nodelay)), flush=True)
 
 
 if __name__ == "__main__":

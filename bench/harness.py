@@ -26,6 +26,7 @@ ROOT = BENCH.parent
 TICK = os.sysconf("SC_CLK_TCK")
 WORK = Path(tempfile.mkdtemp(prefix="rawjobs-bench-"))
 MAX_PER_CLIENT = 9_500  # subscribers per load-client process (fd limit 20,000)
+PROFILE: dict = {"dir": None}  # set by run.py --profile: py-spy records every server
 
 
 def free_port() -> int:
@@ -42,12 +43,17 @@ def raise_fd_limit() -> None:
 
 # -- /proc ---------------------------------------------------------------------------
 
-def proc_cpu(pid: int, children: bool = False) -> float:
-    """User + system CPU seconds of ``pid`` (/proc/PID/stat fields 14 and 15), plus
-    those of its ended and reaped children (fields 16 and 17) if ``children``."""
+def proc_times(pid: int) -> list[int]:
+    """utime, stime, cutime, cstime of ``pid`` in clock ticks (/proc/PID/stat 14-17)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = [int(v) for v in f.read().rsplit(")", 1)[1].split()[11:15]]
-    return sum(fields if children else fields[:2]) / TICK
+        return [int(v) for v in f.read().rsplit(")", 1)[1].split()[11:15]]
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of ``pid``, plus those of its ended and reaped
+    children if ``children``."""
+    times = proc_times(pid)
+    return sum(times if children else times[:2]) / TICK
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -75,17 +81,34 @@ class CpuWindow:
         self.server, self.known, self.limit = server, known, limit
         self.start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float, float]:
+    def _sample(self) -> tuple[float, ...]:
         known = sum(_cpu_or_zero(pid) for pid in self.known) + proc_cpu(os.getpid(), True)
-        return time.perf_counter(), machine_busy(), proc_cpu(self.server), known
+        user, system = (t / TICK for t in proc_times(self.server)[:2])
+        return time.perf_counter(), machine_busy(), user + system, system, known
 
     def stop(self) -> dict:
         end = self._sample()
-        wall, machine, server, known = (b - a for a, b in zip(self.start, end, strict=True))
+        wall, machine, server, system, known = (b - a for a, b in zip(self.start, end,
+                                                                      strict=True))
         other = max(0.0, machine - server - known)
-        return {"wall_s": wall, "server_cpu_s": server, "client_cpu_s": known,
+        return {"wall_s": wall, "server_cpu_s": server, "server_system_s": system,
+                "client_cpu_s": known,
                 "other_cpu_s": other, "other_pct": 100 * other / wall if wall else 0.0,
                 "disturbed": wall > 0 and other / wall > self.limit}
+
+
+def wait_for_quiet(max_wait: float, limit: float = 0.10, sample: float = 0.5) -> float:
+    """Wait (up to ``max_wait`` seconds) until the machine used less than ``limit``
+    of one core over ``sample`` seconds (other processes off the CPU); returns the
+    seconds waited."""
+    started = time.perf_counter()
+    while True:
+        before = machine_busy() - proc_cpu(os.getpid(), True)
+        time.sleep(sample)
+        busy = machine_busy() - proc_cpu(os.getpid(), True) - before
+        waited = time.perf_counter() - started
+        if busy / sample < limit or waited >= max_wait:
+            return waited
 
 
 def _cpu_or_zero(pid: int) -> float:
@@ -136,7 +159,20 @@ class Server:
                 server_command(variant, self.port, concurrency, db), cwd=ROOT, env=env,
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
         self.pid = self.proc.pid
+        self.profiler: subprocess.Popen | None = None
         self._wait_ready()
+        if PROFILE["dir"] is not None:
+            self._start_profiler(Path(PROFILE["dir"]))
+
+    def _start_profiler(self, directory: Path) -> None:
+        """py-spy record (raw collapsed stacks, 250 Hz, without pausing the server)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.profile = directory / f"{self.variant.name}-{self.port}.txt"
+        self.profiler = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking",
+             "--format", "raw", "-o", str(self.profile)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
 
     def _wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -158,6 +194,10 @@ class Server:
         return proc_rss_kib(self.pid)
 
     def stop(self) -> None:
+        if self.profiler is not None:
+            self.profiler.send_signal(signal.SIGINT)
+            self.profiler.wait(30)
+            self.profiler = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

@@ -119,44 +119,21 @@ def client(server):
 
 # -- PostgreSQL (issue 7) --------------------------------------------------------------
 
-
-def _pg_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.fail("PostgreSQL is not installed (scripts/test installs Debian's postgresql)")
-    return found[-1].parent
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run its tools as the postgres user."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+sys.path.insert(0, str(ROOT / "scripts"))
+from pgserver import create_database, pg_bin, private_postgres  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def postgres():
     """A private PostgreSQL server for the whole session, on its own port and data
-    directory; yields ``postgresql://postgres@127.0.0.1:PORT``."""
-    import shutil
-    import tempfile
-
-    bin_dir = _pg_bin()
-    base = Path(tempfile.mkdtemp(prefix="rawjobs-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data, port = base / "data", free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust",
-                                 "-U", "postgres"]), check=True, capture_output=True)
-    options = (f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-               " -c max_connections=300")
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options,
-                                 "-l", str(base / "log"), "-w", "start"]),
-                   check=True, capture_output=True)
+    directory; yields ``postgresql://postgres@127.0.0.1:PORT``. Fails (never skips)
+    when PostgreSQL is missing: scripts/test installs it."""
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m",
-                                     "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        pg_bin()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with private_postgres() as dsn:
+        yield dsn
 
 
 _databases = iter(range(1, 1_000_000))
@@ -165,7 +142,4 @@ _databases = iter(range(1, 1_000_000))
 @pytest.fixture
 def pg_dsn(postgres) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
-    name = f"test_{os.getpid()}_{next(_databases)}"
-    subprocess.run(["psql", postgres + "/postgres", "-q", "-c", f"CREATE DATABASE {name}"],
-                   check=True, capture_output=True)
-    return f"{postgres}/{name}"
+    return create_database(postgres, f"test_{os.getpid()}_{next(_databases)}")

@@ -7,6 +7,7 @@ checks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import signal
@@ -196,11 +197,12 @@ def test_timers_belong_to_one_request(shared):
             time.sleep(0.6)
         assert client.get("/api/stats").status_code == 200
     body = b'{"job_type": "echo", "params": {"message": "slow", "delay": 1}}'
-    request = post("/api/jobs", body)
+    head, _, _ = post("/api/jobs", body).partition(b"\r\n\r\n")
     with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as sock:
-        for i in range(0, len(request), len(request) // 4 + 1):
-            sock.sendall(request[i:i + len(request) // 4 + 1])
+        sock.sendall(head + b"\r\n\r\n")
+        for i in range(0, len(body), 16):
             time.sleep(0.5)  # 2 s in all, more than --head-timeout
+            sock.sendall(body[i:i + 16])
         sock.shutdown(socket.SHUT_WR)
         assert statuses(read_until_closed(sock)) == [201]
 
@@ -378,6 +380,41 @@ def test_protocol_error_answers_carry_no_exception_text(shared):
 
 
 # -- 3. Slow clients -------------------------------------------------------------------
+
+
+def _server_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def test_client_that_stops_reading_responses_is_dropped(start_server):
+    """Pipelined requests from a client that reads nothing: the server stops
+    reading it while the responses pile up, and drops it after --write-timeout
+    instead of waiting (or buffering) forever."""
+    server = start_server("--write-timeout", "1")
+    pid = server.proc.pid
+    baseline = _server_sockets(pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.settimeout(0.5)
+    request = b"GET /api/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    started = time.monotonic()
+    try:
+        for _ in range(5000):  # about 60 MB of responses if all were answered
+            sock.sendall(request * 10)
+    except OSError:
+        pass  # the server stopped reading us, then dropped us
+    while _server_sockets(pid) > baseline:
+        assert time.monotonic() - started < 10, "the server still holds the connection"
+        time.sleep(0.1)
+    sock.close()
+    assert "Traceback" not in server.log()
 
 
 async def _slowloris(port: int, count: int, stop: asyncio.Event) -> int:

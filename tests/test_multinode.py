@@ -50,7 +50,7 @@ def cluster(tmp_path, pg_dsn, start_server):
     def start(name: str, concurrency: int = 2, *extra: str, db: str | None = None):
         env = {"RAWJOBS_TEST_LOG": str(log), "RAWJOBS_TEST_NODE": name}
         return start_server("--jobs", "mnjobs", "--node-id", name, "--concurrency",
-                            str(concurrency), "--heartbeat", "0.5", "--lease", "2",
+                            str(concurrency), "--heartbeat", "0.5", "--lease", "2", "--grace", "0",
                             *extra, db=db or pg_dsn, env=env)
 
     start.log = log
@@ -254,3 +254,85 @@ async def main():
 
 asyncio.run(main())
 '''
+
+
+BIG_MODULE = '''
+from rawjobs import job_type, Param, JobContext
+
+@job_type("big", description="A result over PostgreSQL's NOTIFY limit",
+          params=[Param("size", int, default=20000, min=1, max=100000)])
+async def big(ctx: JobContext) -> dict:
+    return {"blob": "x" * ctx.params["size"]}
+'''
+
+
+def test_large_results_are_fetched_not_notified(tmp_path, pg_dsn, start_server):
+    (tmp_path / "bigjobs.py").write_text(BIG_MODULE)
+    a = start_server("--jobs", "bigjobs", "--concurrency", "0", db=pg_dsn)
+    start_server("--jobs", "bigjobs", "--concurrency", "1", db=pg_dsn)
+
+    async def scenario():
+        async with websockets.connect(a.ws_url, max_size=2**20) as ws:
+            await ws.recv()
+            r = await asyncio.to_thread(httpx.post, a.url + "/api/jobs",
+                                        json={"job_type": "big", "params": {"size": 20000}})
+            job_id = r.json()["id"]
+            async with asyncio.timeout(15):
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message.get("type") == "job_completed":
+                        return job_id, message["data"]
+
+    job_id, data = asyncio.run(scenario())
+    assert data["job_id"] == job_id and data["result"] == {"blob": "x" * 20000}
+
+
+def test_lost_event_channel_resyncs_clients(cluster, pg_dsn):
+    a, b = cluster("a", 0), cluster("b", 0)
+
+    async def scenario():
+        async with websockets.connect(a.ws_url) as ws:
+            first = json.loads(await ws.recv())
+            assert first["type"] == "queue_state"
+            await asyncio.to_thread(subprocess.run, [
+                "psql", pg_dsn, "-c",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"], check=True,
+                capture_output=True)
+            async with asyncio.timeout(10):
+                second = json.loads(await ws.recv())
+                while second["type"] != "queue_state":
+                    second = json.loads(await ws.recv())
+                # both nodes listen again: a job created on b reaches a's client live
+                job_id = await asyncio.to_thread(create, b, 0)
+                while True:
+                    message = json.loads(await ws.recv())
+                    if message["type"] == "job_created":
+                        return first, second, job_id, message
+
+    first, second, job_id, created = asyncio.run(scenario())
+    assert second["seq"] > first["seq"]
+    assert created["data"]["id"] == job_id and created["seq"] > second["seq"]
+
+
+def test_dashboard_shows_the_nodes(cluster):
+    from playwright.sync_api import sync_playwright
+
+    a, _b = cluster("a", 1), cluster("b", 2)
+    wait_for(lambda: len(httpx.get(a.url + "/api/stats").json()["worker"].get("nodes", [])) == 2,
+             timeout=10)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(a.url + "/")
+            page.wait_for_selector("#worker-nodes li.worker-node >> nth=1", timeout=10_000)
+            ids = page.eval_on_selector_all("#worker-nodes li", "els => els.map(e => e.dataset.nodeId)")
+        finally:
+            browser.close()
+    assert ids == ["a", "b"] and not errors

@@ -699,7 +699,7 @@ async def test_concurrency_cap_and_fifo_order(server):
 
 
 def test_concurrency_cap_seen_over_rest(client):
-    ids = [create(client, "countdown", {"seconds": 2}) for _ in range(5)]
+    ids = [create(client, "countdown", {"seconds": 1}) for _ in range(5)]
     seen_running = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ child, so it must be a module-level function of an importable module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
@@ -80,8 +81,11 @@ def _resolve(module: str, qualname: str) -> Callable[..., Any]:
 
 def _child_main(conn: Any) -> None:
     """Worker process: run ``("run", module, qualname, job_id, params, attempt)``
-    requests one after another until the pipe closes."""
+    requests one after another until the pipe closes. It runs at a lower CPU
+    priority than the server, so CPU-bound jobs never starve the event loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(10)
     while True:
         try:
             request = conn.recv()

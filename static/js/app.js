@@ -254,6 +254,23 @@
     }
     const fill = $("worker-load-fill");
     if (fill) fill.style.width = (capacity ? Math.min(100, (active / capacity) * 100) : 0) + "%";
+    renderNodes(worker.nodes);
+  }
+
+  /** With several nodes on PostgreSQL, one line per node: id, active/capacity, processed. */
+  function renderNodes(nodes) {
+    const list = $("worker-nodes");
+    if (!list) return;
+    list.hidden = !Array.isArray(nodes) || nodes.length === 0;
+    if (list.hidden) return;
+    list.replaceChildren(...nodes.map((node) => {
+      const item = el("li", "worker-node");
+      item.dataset.nodeId = String(node.id);
+      item.append(el("span", "worker-node-id", String(node.id)),
+        el("span", "worker-node-load", `${Number(node.active) || 0}/${Number(node.capacity) || 0}`),
+        el("span", "worker-node-processed", `${Number(node.processed) || 0} processed`));
+      return item;
+    }));
   }
 
   /* ------------------------------------------------------------- job rows */
