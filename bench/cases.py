@@ -197,8 +197,9 @@ def stats_wrk(variant: Variant, seconds: float) -> dict:
         window = CpuWindow(server.pid, [])
         figures = wrk(server.port, "/api/stats", seconds, 64)
         cpu = window.stop()
-    return {**figures, "server_cpu_s": cpu["server_cpu_s"], "other_pct": cpu["other_pct"],
-            "disturbed": cpu["disturbed"]}
+    return {**figures, "server_cpu_s": cpu["server_cpu_s"],
+            "cpu_us_per_request": cpu["server_cpu_s"] / max(1, figures["requests"]) * 1e6,
+            "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 
 def queue_http(variant: Variant, seconds: float, db: str = ":memory:") -> dict:
@@ -237,17 +238,25 @@ def _remove_db(db: str) -> None:
             Path(db + suffix).unlink(missing_ok=True)
 
 
-def queue_inprocess() -> dict | None:
-    """bench/queue_throughput.py (another engineer's), if present, with --json."""
+def queue_inprocess(memory_jobs: int, sqlite_jobs: int) -> dict | None:
+    """bench/queue_throughput.py (in process, no HTTP), if present: its rates as
+    ``{store}_{run}_{rate}`` figures, e.g. ``memory_mixed_jobs_per_s``."""
     script = BENCH / "queue_throughput.py"
     if not script.exists():
         return None
-    proc = subprocess.run([sys.executable, str(script), "--json"], capture_output=True,
-                          text=True, timeout=300, cwd=BENCH.parent)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
+    out = WORK / f"queue-inprocess-{time.monotonic_ns()}.json"
+    proc = subprocess.run([sys.executable, str(script), "--memory-jobs", str(memory_jobs),
+                           "--sqlite-jobs", str(sqlite_jobs), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    if proc.returncode != 0 or not out.exists():
         return {"error": (proc.stderr or proc.stdout)[-500:]}
+    figures = {}
+    for row in json.loads(out.read_text())["results"]:
+        for key, value in row.items():
+            if key.endswith("_per_s") and value is not None:
+                figures[f"{row['store']}_{row['run']}_{key}"] = value
+    out.unlink()
+    return figures
 
 
 def _prefixed(prefix: str, figures: dict) -> dict:

@@ -153,7 +153,8 @@ class Server:
         self.variant = variant
         self.port = free_port()
         self.log = WORK / f"{variant.name}-{self.port}.log"
-        env = dict(os.environ, BENCH_PEER_CONCURRENCY=str(concurrency), PYTHONPATH=str(ROOT))
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, BENCH_PEER_CONCURRENCY=str(concurrency), PYTHONPATH=path)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 server_command(variant, self.port, concurrency, db), cwd=ROOT, env=env,

@@ -1,20 +1,25 @@
 """Start rawjobs, optionally on uvloop (rawjobs itself has no --loop option):
 
-    python bench/launch.py [--loop asyncio|uvloop] -- <rawjobs options>
+    python bench/launch.py [--loop asyncio|uvloop] [--preload MODULE] -- <rawjobs options>
 
-Run from the repository root so that ``--jobs bench.jobs`` imports.
+Run from the repository root so that ``--jobs bench.jobs`` imports. ``--preload``
+(repeatable; or $BENCH_RAWJOBS_PRELOAD, comma-separated) imports a module first:
+a way to measure a proposed change to rawjobs as a patch, without editing it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import os
 import sys
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE")
     args, rest = parser.parse_known_args()
     if rest and rest[0] == "--":
         rest = rest[1:]
@@ -22,6 +27,9 @@ def main() -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    preload = args.preload + os.environ.get("BENCH_RAWJOBS_PRELOAD", "").split(",")
+    for module in filter(None, preload):
+        importlib.import_module(module)
     from rawjobs.__main__ import main as rawjobs_main
 
     return rawjobs_main(rest)

@@ -38,6 +38,7 @@ SINGLE_ROWS = [
     ("hold", "spread_p50_ms", "Hold: first-to-last spread p50 (18,000)", "ms"),
     ("hold", "connect_per_s", "Hold: connects per second", "/s"),
     ("wrk", "req_per_s", "GET /api/stats, wrk -t1 -c64", "req/s"),
+    ("wrk", "cpu_us_per_request", "GET /api/stats: server CPU per request", "µs"),
     ("queue-memory", "created_per_s", "Queue over HTTP (memory): jobs created", "/s"),
     ("queue-memory", "completed_per_s", "Queue over HTTP (memory): created and completed", "/s"),
     ("queue-sqlite", "completed_per_s", "Queue over HTTP (SQLite): created and completed", "/s"),
@@ -137,11 +138,15 @@ def _target_lines(results: dict) -> list[str]:
 
 
 def _inprocess_lines(results: dict) -> list[str]:
-    case = results["cases"].get("queue-inprocess", {}).get("variants", {}).get("-")
-    if not case:
-        return ["In-process queue throughput: bench/queue_throughput.py not present."]
-    return ["In-process queue throughput (bench/queue_throughput.py --json):", "",
-            "```", str(case["runs"][0]), "```"]
+    median = _median(results, "queue-inprocess", "-", "memory_mixed_jobs_per_s")
+    if median is None:
+        return ["In-process queue throughput: bench/queue_throughput.py not run or failed."]
+    figures = results["cases"]["queue-inprocess"]["variants"]["-"]["median"]
+    lines = ["| queue in process (bench/queue_throughput.py), rawjobs | jobs/s |", "|---|---:|"]
+    for key, value in figures.items():
+        if key.endswith("_per_s"):
+            lines.append(f"| {key.removesuffix('_per_s').replace('_', ' ')} | {_fmt(value)} |")
+    return lines
 
 
 # -- targets ---------------------------------------------------------------------------
@@ -167,6 +172,10 @@ def targets(results: dict) -> list[dict]:
     out.append(_check("GET /api/stats req/s ≥ 1.5 × the h11 peer's",
                       f"{_fmt(rps)} vs {_fmt(peer_rps)}",
                       None if rps is None or not peer_rps else rps >= 1.5 * peer_rps))
+    for store, floor in (("memory", 20000), ("sqlite", 5000)):
+        jobs = _median(results, "queue-inprocess", "-", f"{store}_mixed_jobs_per_s")
+        out.append(_check(f"queue in process ({store}) ≥ {floor:,} jobs/s added and completed",
+                          f"{_fmt(jobs)} jobs/s", None if jobs is None else jobs >= floor))
     for store in ("memory", "sqlite"):
         jobs = m(f"queue-{store}", "completed_per_s")
         out.append(_check(f"queue over HTTP ({store}) ≥ 0.7 × GET /api/stats req/s",

@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -57,12 +58,13 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
     steps = [Step(f"floor-{n}", cases.floor, {"subscribers": n, "rounds": 200_000 // n})
              for n in (burst_subs if quick else [1000, 5000, 10000])]
     steps += [Step(f"burst-{n}", cases.burst, {"subscribers": n, "jobs": jobs, "events": 1,
-                                               "concurrency": 10}, variants)
+                                               "concurrency": 10}, variants,
+                   repeats=1 if n > 1000 else None)
               for n in burst_subs]
     if not quick:
         steps.append(Step("stats-10000", cases.burst, {"subscribers": 10000, "jobs": 10,
                                                        "events": 1, "concurrency": 10},
-                          variants))
+                          variants, repeats=1))
     steps.append(Step("paced", cases.paced, {"ws": 1000, "sse": 1000,
                                              "events": 5 if quick else 10, "interval": 0.1},
                       variants))
@@ -73,7 +75,9 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
     steps.append(Step("queue-memory", cases.queue_http, {"seconds": queue_seconds}, variants))
     steps.append(Step("queue-sqlite", cases.queue_http,
                       {"seconds": queue_seconds, "db": "sqlite"}, rawjobs_only))
-    steps.append(Step("queue-inprocess", cases.queue_inprocess, {}, repeats=1))
+    steps.append(Step("queue-inprocess", cases.queue_inprocess,
+                      {"memory_jobs": 5000 if quick else 20000,
+                       "sqlite_jobs": 2000 if quick else 10000}))
     return steps
 
 
@@ -151,8 +155,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="uvloop: also measure rawjobs on uvloop and the uvloop peer")
     p.add_argument("--only", default="", help="comma-separated case ids to run")
-    p.add_argument("--quiet-wait", type=float, default=5.0,
-                   help="seconds to wait for an idle machine before each run")
+    p.add_argument("--quiet-wait", type=float, default=None,
+                   help="seconds to wait for an idle machine before each run "
+                        "(default: 2 with --quick, else 5)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="record every server with py-spy (raw stacks) into DIR; "
@@ -161,7 +166,21 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def write(results: dict, out: Path, chart: bool) -> str:
+    """Write {mode}.json and .md (and .png when ``chart``); returns the Markdown."""
+    results["targets"] = report.targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / results["mode"]
+    base.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    markdown = report.markdown(results)
+    base.with_suffix(".md").write_text(markdown)
+    if chart:
+        report.chart(results, base.with_suffix(".png"))
+    return markdown
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on kill
     args = parse_args()
     variants = [Variant("rawjobs"), Variant("peer")]
     if args.loop == "uvloop":
@@ -169,6 +188,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     only = set(filter(None, args.only.split(",")))
     PROFILE["dir"] = args.profile
+    quiet = args.quiet_wait if args.quiet_wait is not None else (2.0 if args.quick else 5.0)
     started = time.time()
     results = {"mode": mode, "started": started, "machine": machine(),
                "variants": [v.name for v in variants], "cases": {}}
@@ -176,19 +196,12 @@ def main() -> None:
         if only and step.id not in only:
             continue
         print(f"{step.id} ...", flush=True)
-        results["cases"][step.id] = {"params": {k: v for k, v in step.kwargs.items()},
-                                     "variants": run_step(step, args.repeats or 2,
-                                                          args.quiet_wait)}
-    results["duration_s"] = time.time() - started
-    results["targets"] = report.targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / mode
-    base.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    markdown = report.markdown(results)
-    base.with_suffix(".md").write_text(markdown)
-    report.chart(results, base.with_suffix(".png"))
-    print(markdown)
-    print(f"wrote {base}.json, .md, .png in {results['duration_s']:.0f} s")
+        results["cases"][step.id] = {"params": dict(step.kwargs),
+                                     "variants": run_step(step, args.repeats or 2, quiet)}
+        results["duration_s"] = time.time() - started
+        write(results, args.out, chart=False)  # a stopped run keeps what it measured
+    print(write(results, args.out, chart=True))
+    print(f"wrote {args.out / mode}.json, .md, .png in {results['duration_s']:.0f} s")
 
 
 if __name__ == "__main__":

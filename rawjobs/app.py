@@ -11,6 +11,7 @@ import hmac
 import importlib
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -40,6 +41,7 @@ from .web.websocket import WebSocketConfig, WebSockets
 
 log = logging.getLogger("rawjobs")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+_HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::[0-9]{1,5})?")  # RFC 9110 7.2
 
 
 @dataclass
@@ -134,8 +136,9 @@ class App:
         self.cluster = (Cluster(self.store, self.queue, self.worker, self.hub,
                                 heartbeat=settings.heartbeat)
                         if isinstance(self.store, SharedStore) else None)
-        self._allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, settings.host,
-                                                   *settings.allowed_hosts)}
+        hosts = (*LOOPBACK_HOSTS, settings.host, *settings.allowed_hosts)
+        self._allowed_hosts = {h.lower() for h in hosts} | {
+            f"[{h.lower()}]" for h in hosts if ":" in h and not h.startswith("[")}
 
     @property
     def port(self) -> int:
@@ -161,9 +164,8 @@ class App:
     def _host_allowed(self, host: str | None) -> bool:
         if host is None:  # HTTP/1.0 without Host: nothing to rebind
             return True
-        host = host.strip().lower()
-        name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":", 1)[0]
-        return name in self._allowed_hosts
+        match = _HOST_RE.fullmatch(host.strip().lower())
+        return match is not None and match.group(1) in self._allowed_hosts
 
     def _token_ok(self, request: Request) -> bool:
         assert self.settings.token is not None

@@ -11,7 +11,7 @@ from ..core.errors import Conflict, JobError, NotFound, QueueFull, ValidationErr
 from ..core.jobs import OPTION_NAMES
 from ..web.http import Response, error_response
 
-_ID_RE = re.compile(r"^[0-9]{1,18}$")
+_ID_RE = re.compile(r"[0-9]{1,18}")
 MAX_ID = 2**63 - 1
 
 
@@ -22,7 +22,7 @@ def parse_job_id(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value if 0 < value <= MAX_ID else None
-    if isinstance(value, str) and _ID_RE.match(value):
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
         number = int(value)
         return number if number > 0 else None
     return None
@@ -47,7 +47,19 @@ def parse_json_object(text: bytes | str) -> dict[str, Any]:
         raise BadJSON("Invalid JSON") from None
     if not isinstance(value, dict):
         raise BadJSON("JSON body must be an object")
+    if not is_utf8_encodable(value):
+        raise BadJSON("Invalid JSON: strings must be valid Unicode (no lone surrogates)")
     return value
+
+
+def is_utf8_encodable(value: Any) -> bool:
+    """False if a string in ``value`` holds a lone UTF-16 surrogate (JSON's ``\\ud800``
+    escapes decode to one), which no UTF-8 output could carry."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _STATUS = {ValidationError: 400, NotFound: 404, Conflict: 409, QueueFull: 429}

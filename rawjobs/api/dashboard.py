@@ -118,9 +118,10 @@ class QueueFeed:
     async def on_message(self, ws: WebSocket, text: str) -> None:
         try:
             message = parse_json_object(text)
-            command = self._commands.get(message.get("type"))  # type: ignore[arg-type]
+            kind = message.get("type")
+            command = self._commands.get(kind) if isinstance(kind, str) else None
             if command is None:
-                raise CommandError(f"Unknown message type: {message.get('type')}")
+                raise CommandError(f"Unknown message type: {kind!r}")
             await command(ws, message)
         except (BadJSON, CommandError) as exc:
             _reply(ws, {"type": "error", "message": str(exc)})

@@ -3,6 +3,7 @@ core errors into JSON responses."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -27,7 +28,7 @@ def _list_query(request: Request) -> dict[str, Any] | Response:
     limit_text = request.query_value("limit")
     limit = 100
     if limit_text is not None:
-        if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+        if not re.fullmatch(r"[0-9]{1,4}", limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
             return error_response(400, f"limit must be an integer from 1 to {MAX_LIMIT}",
                                   param="limit")
         limit = int(limit_text)

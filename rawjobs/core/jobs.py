@@ -31,7 +31,7 @@ from .model import JobOptions
 
 _MISSING: Any = object()
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_DIGITS_RE = re.compile(r"^[0-9]{1,18}$")
+_DIGITS_RE = re.compile(r"[0-9]{1,18}")
 _TYPE_NAMES = {
     int: "integer", "integer": "integer", "int": "integer",
     float: "number", "number": "number", "float": "number",
@@ -133,7 +133,7 @@ class Param:
             raise self._fail(f"must be at most {high}")
 
     def _check_integer(self, value: Any) -> int:
-        if isinstance(value, str) and _DIGITS_RE.match(value):
+        if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
             value = int(value)
         if not _is_int(value):
             raise self._fail("must be an integer")
@@ -383,7 +383,7 @@ def _option_int(data: dict[str, Any], name: str, low: int, high: int) -> int | N
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, str) and _DIGITS_RE.match(value):
+    if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
         value = int(value)
     if not _is_int(value) or not low <= value <= high:
         raise ValidationError(f"{name} must be an integer between {low} and {high}", name)

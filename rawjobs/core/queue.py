@@ -43,6 +43,12 @@ TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
 TERMINAL_MEMORY = 10_000
 
 
+def safe_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) escaped, so a
+    handler's message or error can always be sent to clients."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class JobQueue:
     """Jobs, their transitions and their events.
 
@@ -308,6 +314,7 @@ class JobQueue:
         live = self._live.get(job_id)
         if live is None:
             return
+        message = safe_text(message)
         live.progress = {"percent": percent, "message": message}
         self._publish("job_progress", {"job_id": job_id, "percent": percent,
                                           "message": message})
@@ -319,10 +326,11 @@ class JobQueue:
         live = self._live.get(job_id)
         if live is None:
             return
-        try:
-            json.dumps(result)
+        try:  # what every client will parse: strict JSON, valid UTF-8
+            json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except (TypeError, ValueError):
-            await self.fail(job_id, "Job result is not JSON serialisable", retry=False)
+            await self.fail(job_id, "Job result is not valid JSON (NaN, Infinity, lone "
+                            "surrogates and non-JSON types are not allowed)", retry=False)
             return
         self._publish("job_progress", {"job_id": job_id, **FINAL_PROGRESS_EVENT})
         live.status, live.result, live.progress = COMPLETED, result, dict(COMPLETED_PROGRESS)
@@ -338,7 +346,7 @@ class JobQueue:
         live = self._live.get(job_id)
         if live is None:
             return
-        live.error = error
+        live.error = safe_text(error)
         if retry and live.attempts < live.max_attempts:
             await self._schedule_retry(live)
             return

@@ -92,7 +92,10 @@ class WebSocketConfig:
 def _origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
     if origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
         return True
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # e.g. "http://[::1"
+        return False
     return parts.scheme in ("http", "https") and host is not None and parts.netloc == host
 
 
@@ -226,14 +229,16 @@ class WebSocket:
 
     async def _read_loop(self) -> None:
         """Feed wsproto until the close handshake is done or the TCP connection is
-        gone. After each batch of events, wait (``write_timeout`` at most, then
-        TimeoutError) while our write buffer is over the high-water mark: a client
-        that sends requests but does not read the replies stops being read."""
+        gone. After each message, wait (``write_timeout`` at most, then TimeoutError)
+        while our write buffer is over the high-water mark: a client that sends
+        requests but does not read the replies stops being read, however many
+        requests one read brought."""
         assert self.conn is not None
         while True:
             for event in self.wsproto.events():
                 if isinstance(event, TextMessage):
                     await self._on_text(event)
+                    await self.conn.flush()
                 elif isinstance(event, CloseConnection):
                     self._on_close(event)
                     return
