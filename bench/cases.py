@@ -102,7 +102,8 @@ def burst(variant: Variant, subscribers: int, jobs: int, events: int,
             prober.start()
             create_jobs(server.port, jobs, {"events": events, "interval": 0})
             expected = subscribers * jobs * (WS_PER_JOB + events)
-            counts = clients.wait_for(expected, timeout=600)
+            marked_expected = subscribers * jobs * events
+            counts = clients.wait_for(expected, timeout=600, marked=marked_expected)
             cpu = window.stop()
             stats = prober.stop()
             pairs = clients.pairs()
@@ -113,8 +114,8 @@ def burst(variant: Variant, subscribers: int, jobs: int, events: int,
         "connect_per_s": connect["connected"] / connect["wall_s"],
         "rss_per_sub_kib": (rss1 - rss0) / max(1, connect["connected"]),
         "expected": expected, "delivered": delivered,
-        "delivered_ratio": delivered / expected,
-        "marked_expected": subscribers * jobs * events, "marked": counts["marked"],
+        "delivered_ratio": counts["marked"] / max(1, marked_expected),
+        "marked_expected": marked_expected, "marked": counts["marked"],
         "lost": sum(counts["lost"].values()),
         "server_cpu_s": cpu["server_cpu_s"],
         "cpu_us_per_message": cpu["server_cpu_s"] / max(1, delivered) * 1e6,
@@ -166,8 +167,10 @@ def _open_gate(server: Server, gate: Path, ws_clients: Clients, sse_clients: Cli
         c.reset()
     window = CpuWindow(server.pid, ws_clients.pids + sse_clients.pids)
     gate.touch()
-    ws_counts = ws_clients.wait_for(ws_clients.expected * (events + WS_AFTER_GATE), 120)
-    sse_counts = sse_clients.wait_for(sse_clients.expected * (events + SSE_AFTER_GATE), 60)
+    ws_counts = ws_clients.wait_for(ws_clients.expected * (events + WS_AFTER_GATE), 120,
+                                    marked=ws_clients.expected * events)
+    sse_counts = sse_clients.wait_for(sse_clients.expected * (events + SSE_AFTER_GATE), 60,
+                                      marked=sse_clients.expected * events)
     cpu = window.stop()
     ws_pairs, sse_pairs = ws_clients.pairs(), sse_clients.pairs()
     both = np.concatenate([ws_pairs, sse_pairs])

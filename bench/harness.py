@@ -348,16 +348,18 @@ class Clients:
         out["marked_max"] = _merge(answers, "marked_max", max)
         return out
 
-    def wait_for(self, messages: int, timeout: float, quiet: float = 3.0) -> dict:
-        """Poll until ``messages`` have arrived, or nothing arrived for ``quiet``
-        seconds, or ``timeout``; returns the last count plus ``wait_s``."""
+    def wait_for(self, messages: int, timeout: float, quiet: float = 3.0,
+                 marked: int = 0) -> dict:
+        """Poll until ``messages`` have arrived, ``marked`` of them with an emit time,
+        or nothing arrived for ``quiet`` seconds, or ``timeout``; returns the last
+        count plus ``wait_s``."""
         started = last_change = time.perf_counter()
         last = -1
         while True:
             counts = self.count()
             now = time.perf_counter()
-            if counts["messages"] >= messages or now - started > timeout \
-                    or now - last_change > quiet:
+            arrived = counts["messages"] >= messages and counts["marked"] >= marked
+            if arrived or now - started > timeout or now - last_change > quiet:
                 counts["wait_s"] = now - started
                 return counts
             if counts["messages"] != last:

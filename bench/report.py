@@ -10,7 +10,7 @@ ROWS = [
     ("burst-{n}", "latency_p50_ms", "Burst, {n} WS: latency p50", "ms"),
     ("burst-{n}", "latency_p99_ms", "Burst, {n} WS: latency p99", "ms"),
     ("burst-{n}", "latency_max_ms", "Burst, {n} WS: latency max", "ms"),
-    ("burst-{n}", "delivered_ratio", "Burst, {n} WS: delivered / expected", ""),
+    ("burst-{n}", "delivered_ratio", "Burst, {n} WS: progress events delivered / expected", ""),
     ("burst-{n}", "stats_p99_ms", "Burst, {n} WS: GET /api/stats p99 during it", "ms"),
     ("burst-{n}", "duration_s", "Burst, {n} WS: until the last message arrived", "s"),
     ("burst-{n}", "connect_p50_ms", "Burst, {n} WS: connect p50 (200 in flight)", "ms"),

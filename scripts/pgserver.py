@@ -69,7 +69,13 @@ def create_database(server: str, name: str) -> str:
     return f"{server}/{name}"
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop)  # clean up on SIGTERM as on Ctrl+C
+    signal.signal(signal.SIGINT, _stop)
     with private_postgres() as server:
         print(create_database(server, "rawjobs"), flush=True)
         with contextlib.suppress(KeyboardInterrupt):

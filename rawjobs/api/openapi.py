@@ -96,7 +96,14 @@ SCHEMAS: dict[str, Any] = {
     "JobType": {
         "type": "object", "required": ["name", "description", "params"],
         "properties": {"name": {"type": "string"}, "description": {"type": "string"},
-                       "params": {"type": "array", "items": {"type": "object"}}},
+                       "params": {"type": "array", "items": {"type": "object"}},
+                       "options": {
+                           "type": "object",
+                           "description": "This type's defaults for the job options",
+                           "properties": {
+                               "priority": {"type": "integer"},
+                               "timeout": {"type": ["number", "null"]},
+                               "max_attempts": {"type": "integer"}}}},
     },
     "Stats": {
         "type": "object", "required": ["queue", "worker"],

@@ -221,11 +221,15 @@ class JobType:
     max_attempts: int = 1
 
     def schema(self) -> dict[str, Any]:
-        """The entry of ``GET /api/job-types`` (PROTOCOL.md)."""
+        """The entry of ``GET /api/job-types`` (PROTOCOL.md), plus ``options``: this
+        type's defaults for ``priority``, ``timeout`` (seconds or None) and
+        ``max_attempts``."""
         return {
             "name": self.name,
             "description": self.description,
             "params": [p.schema() for p in self.params],
+            "options": {"priority": self.priority, "timeout": self.timeout,
+                        "max_attempts": self.max_attempts},
         }
 
     def validate_params(self, params: Any) -> dict[str, Any]:

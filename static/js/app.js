@@ -15,12 +15,14 @@
   const BACKOFF_MAX_MS = 30000;
   const NOTICE_MS = 6000;
 
-  // Job options of the create form: input id, body key, default (omitted when unchanged).
+  // Job options of the create form: input id, body key, and whether the job type
+  // has a default for it (GET /api/job-types lists them under "options"). An option
+  // left at its type's default is not sent, so the type's default applies.
   const JOB_OPTIONS = [
-    { id: "opt-priority", key: "priority", integer: true, defaultValue: 0 },
-    { id: "opt-max-attempts", key: "max_attempts", integer: true, defaultValue: 1 },
-    { id: "opt-delay", key: "delay" },
-    { id: "opt-timeout", key: "timeout" },
+    { id: "opt-priority", key: "priority", typed: true },
+    { id: "opt-max-attempts", key: "max_attempts", typed: true },
+    { id: "opt-delay", key: "delay", typed: false },
+    { id: "opt-timeout", key: "timeout", typed: true },
   ];
 
   // Preferred order of fields in the details panel; other fields follow.
@@ -44,6 +46,7 @@
     followLost: false,        // the stream broke before the job's terminal event
     followFailures: 0,        // consecutive broken streams for the selected job
     followTimer: null,
+    successTimer: null,
     ws: null,
     wsEverOpened: false,
     wsAttempts: 0,
@@ -770,6 +773,7 @@
     const fields = params.filter((p) => p && p.name).map(paramField);
     if (box) box.replaceChildren(...fields);
     setHidden($("job-params"), fields.length === 0);
+    applyOptionDefaults();
     clearFormMessages();
   }
 
@@ -901,13 +905,30 @@
     return params;
   }
 
-  // Adds only the options the user filled in (left at a default: not sent).
+  // The current job type's default for an option key (undefined when it has none).
+  function typeDefault(key) {
+    const type = currentType();
+    const options = type && type.options && typeof type.options === "object" ? type.options : {};
+    return options[key] === null ? undefined : options[key];
+  }
+
+  // Shows the selected type's defaults in the option inputs.
+  function applyOptionDefaults() {
+    for (const option of JOB_OPTIONS) {
+      const input = $(option.id);
+      if (!input) continue;
+      const value = option.typed ? typeDefault(option.key) : undefined;
+      input.value = value === undefined ? "" : String(value);
+    }
+  }
+
+  // Adds only the options the user changed from the type's defaults.
   function collectOptions(body) {
     for (const option of JOB_OPTIONS) {
       const input = $(option.id);
       if (!input) continue;
       const value = readNumber(input, option.key);
-      if (value === undefined || value === option.defaultValue) continue;
+      if (value === undefined || value === typeDefault(option.key)) continue;
       body[option.key] = value;
     }
   }
@@ -944,6 +965,8 @@
     if (!node) return;
     setText(node, message);
     node.hidden = false;
+    clearTimeout(state.successTimer);
+    state.successTimer = setTimeout(() => { node.hidden = true; }, NOTICE_MS);
   }
 
   function buildRequestBody() {
