@@ -64,6 +64,35 @@ def floor(subscribers: int, rounds: int) -> dict:
             "disturbed": plain["disturbed"] or nodelay["disturbed"]}
 
 
+def floor_paced(clients: int, per_client: int, events: int, interval: float) -> dict:
+    """The spread floor: ``events`` stamped frames, ``interval`` apart, from the floor
+    loop to ``clients`` load-client processes of ``per_client`` WebSocket readers each
+    (the paced case's shape): first-to-last spread and latency of a send loop."""
+    total = clients * per_client
+    proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "--subscribers",
+                             str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    groups: list[Clients] = []
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        groups = [Clients(port, ws=per_client) for _ in range(clients)]
+        for group in groups:
+            group.connect()
+        json.loads(proc.stdout.readline())  # {"connected": N}
+        proc.stdin.write(f"pace {events} {interval}\n")
+        proc.stdin.flush()
+        json.loads(proc.stdout.readline())
+        for group in groups:
+            group.wait_for(per_client * events, timeout=60, marked=per_client * events)
+        pairs = np.concatenate([group.pairs() for group in groups])
+    finally:
+        for group in groups:
+            group.close()
+        _end(proc)
+    return {"subscribers": total, **_prefixed("spread", spreads(pairs)),
+            **_prefixed("latency", latency(pairs))}
+
+
 def _floor_round(proc: subprocess.Popen, clients: Clients, rounds: int, option: str) -> dict:
     clients.reset()
     window = CpuWindow(proc.pid, clients.pids)

@@ -12,7 +12,9 @@ without using CPU) and prints ``{"messages", "cpu_s", "user_s", "system_s", "wal
 "us_per_message"}`` (CPU: this process's user + system time, from getrusage).
 ``go ROUNDS nodelay`` sets TCP_NODELAY on every socket first, as asyncio does on
 its transports: each send is then its own TCP segment, where plain sockets let Nagle
-merge the sends that follow an unacknowledged one. ``quit`` ends it.
+merge the sends that follow an unacknowledged one. ``pace ROUNDS INTERVAL`` sends
+ROUNDS frames stamped with their emit time, INTERVAL seconds apart (the spread floor
+of the paced case). ``quit`` ends it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ FRAME_SIZE = 250
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def frame(seq: int) -> bytes:
-    """A 250-byte unmasked text frame (4-byte header + JSON padded to 246 bytes)."""
-    head = '{"type":"job_progress","data":{"job_id":1,"percent":50,"message":"'
+def frame(seq: int, stamp: str = "") -> bytes:
+    """A 250-byte unmasked text frame (4-byte header + JSON padded to 246 bytes);
+    ``stamp`` goes at the start of the message (the load client's emit marker)."""
+    head = '{"type":"job_progress","data":{"job_id":1,"percent":50,"message":"' + stamp
     tail = f'"}},"seq":{seq}}}'
     pad = "x" * (FRAME_SIZE - 4 - len(head) - len(tail))
     payload = (head + pad + tail).encode()
@@ -90,6 +93,20 @@ def send_loop(socks: list[socket.socket], rounds: int, nodelay: bool) -> dict:
             "wall_s": wall, "us_per_message": (user + system) / messages * 1e6}
 
 
+def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
+    """``rounds`` frames ``interval`` seconds apart, each stamped with its emit time
+    (encoded once, then sent to every socket, TCP_NODELAY as asyncio has it): the
+    first-to-last spread of the send loop plus the load client's reading."""
+    for sock in socks:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for seq in range(1, rounds + 1):
+        data = frame(seq, f"emit={time.time():.6f} ")
+        for sock in socks:
+            sock.sendall(data)
+        time.sleep(interval)
+    return {"messages": rounds * len(socks)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--subscribers", type=int, required=True)
@@ -105,6 +122,8 @@ def main() -> None:
         words = line.split()
         if not words or words[0] == "quit":
             break
+        if words[0] == "pace":
+            print(json.dumps(pace(socks, int(words[1]), float(words[2]))), flush=True)
         if words[0] == "go":
             nodelay = words[2:] == ["nodelay"]
             print(json.dumps(send_loop(socks, int(words[1]), nodelay)), flush=True)

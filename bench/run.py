@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases  # noqa: E402
 import report  # noqa: E402
-from harness import PROFILE, WORK, Variant, wait_for_quiet  # noqa: E402
+from harness import CLIENT_LOOP, PROFILE, WORK, Variant, wait_for_quiet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,6 +65,9 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
         steps.append(Step("stats-10000", cases.burst, {"subscribers": 10000, "jobs": 10,
                                                        "events": 1, "concurrency": 10},
                           variants, repeats=1))
+    steps.append(Step("floor-paced", cases.floor_paced,
+                      {"clients": 2, "per_client": 1000, "events": 5 if quick else 10,
+                       "interval": 0.1}))
     steps.append(Step("paced", cases.paced, {"ws": 1000, "sse": 1000,
                                              "events": 5 if quick else 10, "interval": 0.1},
                       variants))
@@ -142,6 +145,7 @@ def machine() -> dict:
     import os
 
     return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "load_client_loop": CLIENT_LOOP,
             "python": platform.python_version(), "packages": versions,
             "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
 

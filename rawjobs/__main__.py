@@ -25,6 +25,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rawjobs", description="Self-hosted async job runner "
                                 "with a live dashboard (HTTP, SSE, WebSocket).")
@@ -49,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="open connections before new ones get 503 (default %(default)s)")
     a("--max-subscriber-buffer", type=int, default=256 * 1024, metavar="BYTES",
       help="bytes an SSE/WebSocket subscriber may lag before it is disconnected "
+           "(default %(default)s)")
+    a("--fanout-slice", type=_positive, default=256, metavar="N",
+      help="subscribers one event is written to before other work gets a turn "
            "(default %(default)s)")
     a("--max-head-size", type=int, default=16 * 1024, metavar="BYTES",
       help="request line plus headers, 431 past it (default %(default)s)")
@@ -93,6 +103,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         host=args.host, port=args.port, db=args.db, concurrency=args.concurrency,
         jobs=args.jobs, grace=args.grace, keep_finished=args.keep_finished,
         max_pending=args.max_pending, max_subscriber_buffer=args.max_subscriber_buffer,
+        fanout_slice=args.fanout_slice,
         sse_keepalive=args.sse_keepalive, static_dir=args.static_dir,
         limits=Limits(max_head=args.max_head_size, max_body=args.max_body_size,
                       head_timeout=args.head_timeout,

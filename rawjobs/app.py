@@ -57,6 +57,7 @@ class Settings:
     keep_finished: int = 10_000
     max_pending: int = 100_000
     max_subscriber_buffer: int = 256 * 1024
+    fanout_slice: int = 256
     sse_keepalive: float = 15.0
     limits: Limits = field(default_factory=Limits)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
@@ -121,9 +122,10 @@ class App:
         buffer = settings.max_subscriber_buffer
         self.rest = RestAPI(self.queue, self.worker, self.registry)
         self.progress = ProgressStreams(self.queue, self.hub, buffer,
-                                        keepalive=settings.sse_keepalive)
+                                        keepalive=settings.sse_keepalive,
+                                        slice_size=settings.fanout_slice)
         self.feed = QueueFeed(self.queue, self.worker, self.registry, self.hub, self.sockets,
-                              buffer)
+                              buffer, slice_size=settings.fanout_slice)
         self.router = Router(
             self.rest.routes() + [
                 route("GET", "/api/jobs/{id}/progress", self.progress.handle),

@@ -38,13 +38,14 @@ class QueueFeed:
     ``ping_interval``: seconds between the application-level ``ping`` messages."""
 
     def __init__(self, queue: JobQueue, worker: Worker, registry: Registry, hub: EventHub,
-                 sockets: WebSockets, max_buffer: int, ping_interval: float = 25.0) -> None:
+                 sockets: WebSockets, max_buffer: int, ping_interval: float = 25.0,
+                 slice_size: int = 256) -> None:
         self.queue = queue
         self.worker = worker
         self.registry = registry
         self.sockets = sockets
         self.ping_interval = ping_interval
-        self.fanout = Fanout(max_buffer)
+        self.fanout = Fanout(max_buffer, slice_size)
         self._ticker: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._commands: dict[str, Command] = {
@@ -124,9 +125,9 @@ class QueueFeed:
                 raise CommandError(f"Unknown message type: {kind!r}")
             await command(ws, message)
         except (BadJSON, CommandError) as exc:
-            _reply(ws, {"type": "error", "message": str(exc)})
+            self._reply(ws, {"type": "error", "message": str(exc)})
         except JobError as exc:
-            _reply(ws, {"type": "error", "message": exc.message, **exc.fields})
+            self._reply(ws, {"type": "error", "message": exc.message, **exc.fields})
 
     # -- commands -------------------------------------------------------------------
 
@@ -136,29 +137,35 @@ class QueueFeed:
         reply: dict[str, Any] = {"type": "job_created_ack", "job_id": job.id}
         if not created:
             reply["duplicate"] = True
-        _reply(ws, reply)
+        self._reply(ws, reply)
 
     async def _cancel_job(self, ws: WebSocket, message: dict[str, Any]) -> None:
         job_id = _message_job_id(message)
         await self.queue.cancel(job_id)
-        _reply(ws, {"type": "job_cancelled_ack", "job_id": job_id, "success": True})
+        self._reply(ws, {"type": "job_cancelled_ack", "job_id": job_id, "success": True})
 
     async def _retry_job(self, ws: WebSocket, message: dict[str, Any]) -> None:
         job_id = _message_job_id(message)
         job = await self.queue.retry(job_id)
-        _reply(ws, {"type": "job_created_ack", "job_id": job.id, "retry_of": job_id})
+        self._reply(ws, {"type": "job_created_ack", "job_id": job.id, "retry_of": job_id})
 
     async def _clear_completed(self, ws: WebSocket, message: dict[str, Any]) -> None:
-        _reply(ws, {"type": "jobs_cleared_ack", "cleared": await self.queue.clear_finished()})
+        self._reply(ws, {"type": "jobs_cleared_ack", "cleared": await self.queue.clear_finished()})
 
     async def _get_state(self, ws: WebSocket, message: dict[str, Any]) -> None:
-        _reply(ws, await self.queue_state())
+        self._reply(ws, await self.queue_state())
 
     async def _get_job_types(self, ws: WebSocket, message: dict[str, Any]) -> None:
-        _reply(ws, {"type": "job_types", "job_types": self.registry.schemas()})
+        self._reply(ws, {"type": "job_types", "job_types": self.registry.schemas()})
 
     async def _ping(self, ws: WebSocket, message: dict[str, Any]) -> None:
-        _reply(ws, {"type": "pong", "ts": message.get("ts")})
+        self._reply(ws, {"type": "pong", "ts": message.get("ts")})
+
+    def _reply(self, ws: WebSocket, message: dict[str, Any]) -> None:
+        """A direct reply, after every broadcast this client is owed before it."""
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        if not self.fanout.send_to(ws, text_frame(text.encode("utf-8"))):
+            ws.send_text(text)
 
     def close_all(self) -> None:
         """Shutdown: stop the application pings (connections are closed by web)."""
@@ -167,8 +174,6 @@ class QueueFeed:
             self._ticker = None
 
 
-def _reply(ws: WebSocket, message: dict[str, Any]) -> None:
-    ws.send_text(json.dumps(message, separators=(",", ":"), ensure_ascii=False))
 
 
 def _message_job_id(message: dict[str, Any]) -> int:

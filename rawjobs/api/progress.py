@@ -78,11 +78,13 @@ def _sse_event(event: Event) -> tuple[str, dict[str, Any]] | None:
 class ProgressStreams:
     """The SSE endpoint and its per-job fan-outs. ``keepalive``: seconds between
     ``: keepalive`` comments; ``retry_ms``: the reconnection delay sent to clients;
-    ``max_buffer``: bytes a stream may lag before it is ended."""
+    ``max_buffer``: bytes a stream may lag before it is ended; ``slice_size``:
+    streams written to before yielding (see rawjobs.web.fanout)."""
 
     def __init__(self, queue: JobQueue, hub: EventHub, max_buffer: int,
-                 keepalive: float = 15.0, retry_ms: int = 3000) -> None:
+                 keepalive: float = 15.0, retry_ms: int = 3000, slice_size: int = 256) -> None:
         self.queue = queue
+        self.slice_size = slice_size
         self.hub = hub
         self.max_buffer = max_buffer
         self.keepalive = keepalive
@@ -120,7 +122,7 @@ class ProgressStreams:
             return
         channel = self._channels.get(job.id)
         if channel is None:
-            channel = self._channels[job.id] = Fanout(self.max_buffer)
+            channel = self._channels[job.id] = Fanout(self.max_buffer, self.slice_size)
         channel.add(sub)
         self._start_keepalive()
         try:
@@ -160,8 +162,7 @@ class ProgressStreams:
         channel.broadcast(lambda framing: frame(payload, framing))
         if event.type in TERMINAL_EVENTS:
             del self._channels[job_id]
-            for sub in channel.subscribers():
-                sub.end()
+            channel.after(lambda: [sub.end() for sub in channel.subscribers()])
 
     def _start_keepalive(self) -> None:
         if self._ticker is None:

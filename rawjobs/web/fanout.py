@@ -1,17 +1,28 @@
 """Fan-out: encode once, write many (DESIGN.md, "Fan-out" and "Backpressure").
 
-A subscriber is its transport and nothing more: no queue, no writer task. An event
-is encoded once per wire format ("framing") and the same bytes are written to
-every subscriber's transport. A subscriber whose transport has more than
+A subscriber is its transport and nothing more: no per-subscriber queue or writer
+task. An event is encoded once per wire format ("framing") and the same bytes are
+written to every subscriber's transport. A subscriber whose transport has more than
 ``max_buffer`` bytes waiting is evicted (its ``evict`` closes it: WebSocket 1013, SSE
 end of stream) instead of letting the server buffer without bound.
+
+A small channel writes at once. A channel with more than ``slice_size`` subscribers
+(or with writes still pending) keeps an ordered log of operations, drained by one task
+that writes ``slice_size`` subscribers at a time and yields to the event loop in
+between: one event to 10,000 subscribers is some 40 ms of ``send`` calls, and other
+requests are served between its slices instead of after all of it. Everything a
+subscriber gets through its channel (events, direct replies, its joining) keeps the
+order in which it was asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+Encode = Callable[[str], bytes]
 
 
 class Subscriber(Protocol):
@@ -24,56 +35,152 @@ class Subscriber(Protocol):
         """Called once when the subscriber fell too far behind; it must close."""
 
 
+class _Broadcast:
+    """One event being written: its encodings (made once per framing, when first
+    needed), the subscribers it goes to, and how far the writing got."""
+
+    __slots__ = ("encode", "encoded", "targets", "done")
+
+    def __init__(self, encode: Encode) -> None:
+        self.encode = encode
+        self.encoded: dict[str, bytes] = {}
+        self.targets: list[Subscriber] | None = None
+        self.done = 0
+
+    def data(self, framing: str) -> bytes:
+        data = self.encoded.get(framing)
+        if data is None:
+            data = self.encoded[framing] = self.encode(framing)
+        return data
+
+
 class Fanout:
-    """Subscribers grouped by framing; ``broadcast`` writes one encoding per framing.
+    """Subscribers grouped by framing, and the writes still to be made to them.
 
-    ``max_buffer``: bytes a subscriber's transport may hold before it is evicted."""
+    ``max_buffer``: bytes a subscriber's transport may hold before it is evicted;
+    ``slice_size``: subscribers written to before yielding to the event loop;
+    ``max_log``: operations waiting before the caller writes them all at once."""
 
-    def __init__(self, max_buffer: int) -> None:
+    def __init__(self, max_buffer: int, slice_size: int = 256, max_log: int = 1000) -> None:
         self.max_buffer = max_buffer
-        self._groups: dict[str, dict[Subscriber, None]] = {}
+        self.slice_size = slice_size
+        self.max_log = max_log
+        self._members: dict[Subscriber, None] = {}
+        self._joining: set[Subscriber] = set()
+        self._log: deque[tuple[str, Any]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    # -- membership -----------------------------------------------------------------
 
     def add(self, subscriber: Subscriber) -> None:
-        self._groups.setdefault(subscriber.framing, {})[subscriber] = None
+        """Join: the subscriber gets every broadcast asked for from now on."""
+        if self._log:
+            self._joining.add(subscriber)
+            self._log.append(("join", subscriber))
+        else:
+            self._members[subscriber] = None
 
     def discard(self, subscriber: Subscriber) -> None:
-        group = self._groups.get(subscriber.framing)
-        if group is not None:
-            group.pop(subscriber, None)
+        """Leave at once: nothing more is written to it (idempotent)."""
+        self._members.pop(subscriber, None)
+        self._joining.discard(subscriber)
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self._groups.values())
+        return len(self._members)
 
     def __contains__(self, subscriber: object) -> bool:
-        return any(subscriber in g for g in self._groups.values())
+        return subscriber in self._members
 
     def subscribers(self) -> list[Subscriber]:
-        return [s for g in self._groups.values() for s in g]
+        return list(self._members)
 
-    def broadcast(self, encode: Callable[[str], bytes]) -> int:
-        """Write ``encode(framing)`` to every subscriber of that framing, encoding
-        each framing once. Returns the number of subscribers written to."""
-        written = 0
-        for framing, group in self._groups.items():
-            if not group:
-                continue
-            data = encode(framing)
-            laggards = None
-            for subscriber in group:
-                transport = subscriber.transport
-                if transport.is_closing() or transport.get_write_buffer_size() > self.max_buffer:
-                    laggards = laggards or []
-                    laggards.append(subscriber)
-                    continue
-                transport.write(data)
-                written += 1
-            if laggards:
-                self._evict(group, laggards)
-        return written
+    # -- writing --------------------------------------------------------------------
 
-    @staticmethod
-    def _evict(group: dict[Subscriber, None], laggards: list[Subscriber]) -> None:
-        for subscriber in laggards:
-            group.pop(subscriber, None)
-            if not subscriber.transport.is_closing():
-                subscriber.evict()
+    def broadcast(self, encode: Encode) -> None:
+        """Write ``encode(framing)`` to every member, encoding each framing once."""
+        op = _Broadcast(encode)
+        if not self._log and len(self._members) <= self.slice_size:
+            op.targets = list(self._members)
+            self._write(op, len(op.targets))
+        else:  # large, or behind earlier writes: in order, a slice at a time
+            self._queue("broadcast", op)
+
+    def send_to(self, subscriber: Subscriber, data: bytes) -> bool:
+        """Write ``data`` to one member (or one joining), after every broadcast
+        asked for before. False, and nothing written, for anyone else."""
+        if subscriber not in self._members and subscriber not in self._joining:
+            return False
+        if self._log:
+            self._queue("direct", (subscriber, data))
+        else:
+            self._write_one(subscriber, data)
+        return True
+
+    def after(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything asked for before has been written."""
+        if self._log:
+            self._queue("call", action)
+        else:
+            action()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _queue(self, kind: str, op: Any) -> None:
+        self._log.append((kind, op))
+        if len(self._log) > self.max_log:
+            # Producers outpace the writing: catch up now, as one long write would,
+            # so the log never grows without bound.
+            self._drain_some(None)
+        elif self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._log:
+            self._drain_some(self.slice_size)
+            if self._log:
+                await asyncio.sleep(0)
+
+    def _drain_some(self, budget: int | None) -> None:
+        """Carry out logged operations until ``budget`` writes were made (None: all)."""
+        while self._log:
+            kind, op = self._log[0]
+            if kind == "broadcast":
+                if op.targets is None:
+                    op.targets = list(self._members)
+                written = self._write(op, len(op.targets) if budget is None else budget)
+                if budget is not None:
+                    budget -= written
+                if op.done < len(op.targets):
+                    return
+            elif kind == "join":
+                if op in self._joining:  # not discarded meanwhile
+                    self._joining.discard(op)
+                    self._members[op] = None
+            elif kind == "direct":
+                if op[0] in self._members:
+                    self._write_one(*op)
+            else:
+                op()
+            self._log.popleft()
+            if budget is not None and budget <= 0:
+                return
+
+    def _write(self, op: _Broadcast, count: int) -> int:
+        """Write ``op`` to its next ``count`` targets; returns how many it went to."""
+        assert op.targets is not None
+        start, end = op.done, min(op.done + count, len(op.targets))
+        for subscriber in op.targets[start:end]:
+            if subscriber in self._members:
+                self._write_one(subscriber, op.data(subscriber.framing))
+        op.done = end
+        return end - start
+
+    def _write_one(self, subscriber: Subscriber, data: bytes) -> None:
+        transport = subscriber.transport
+        if transport.is_closing():
+            self._members.pop(subscriber, None)
+        elif transport.get_write_buffer_size() > self.max_buffer:
+            self._members.pop(subscriber, None)
+            subscriber.evict()
+        else:
+            transport.write(data)
