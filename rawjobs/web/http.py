@@ -37,7 +37,8 @@ class Request:
                     http_version: str, client: tuple[str, int] | None) -> Request:
         path, _, query = target.partition("?")
         return cls(method=method, target=target, path=path,
-                   query=parse_qs(query, keep_blank_values=True), headers=headers,
+                   query=parse_qs(query, keep_blank_values=True) if query else {},
+                   headers=headers,
                    http_version=http_version, client=client)
 
     def header(self, name: str) -> str | None:

@@ -52,22 +52,27 @@ class Router:
                 methods[method] = r.handler
             if "GET" in r.methods:
                 methods.setdefault("HEAD", r.handler)
-        ordered = sorted(resources, key=lambda pattern: "{" in pattern)
-        self._resources = [(compile_pattern(p), resources[p]) for p in ordered]
+        self._literal = {p: m for p, m in resources.items() if "{" not in p}
+        self._resources = [(compile_pattern(p), m) for p, m in resources.items() if "{" in p]
         self._fallback = fallback
 
     async def dispatch(self, request: Request) -> Response | Takeover:
+        methods = self._literal.get(request.path)
+        if methods is not None:
+            return await self._call(request, methods)
         for regex, methods in self._resources:
             match = regex.match(request.path)
-            if match is None:
-                continue
-            handler = methods.get(request.method)
-            if handler is None:
-                allow = ", ".join(sorted(methods))
-                return error_response(405, f"Method {request.method} not allowed",
-                                      headers=[("Allow", allow)])
-            request.path_params = match.groupdict()
-            return await handler(request)
+            if match is not None:
+                request.path_params = match.groupdict()
+                return await self._call(request, methods)
         if self._fallback is not None:
             return await self._fallback(request)
         return error_response(404, "Not found")
+
+    @staticmethod
+    async def _call(request: Request, methods: dict[str, Handler]) -> Response | Takeover:
+        handler = methods.get(request.method)
+        if handler is None:
+            return error_response(405, f"Method {request.method} not allowed",
+                                  headers=[("Allow", ", ".join(sorted(methods)))])
+        return await handler(request)
