@@ -183,6 +183,9 @@ class HTTPConnection:
     """One client connection: reads requests with h11, dispatches them, writes the
     responses. Takeovers use ``start_stream``, ``write`` and ``transport``."""
 
+    __slots__ = ("server", "limits", "reader", "writer", "transport", "h11", "client",
+                 "idle", "_close_when_idle", "_requests", "_head")
+
     def __init__(self, server: HTTPServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -221,6 +224,7 @@ class HTTPConnection:
             self.idle = False
             result = await self._dispatch(request)
             if not isinstance(result, Response):
+                del request  # a stream can last hours: keep only what it needs
                 await result.serve(self)
                 return
             await self.send_response(result, head_only=request.method == "HEAD")

@@ -102,13 +102,16 @@ class SSEStream:
         on_open: Callable[[SSESubscriber], Awaitable[None]],
         on_close: Callable[[SSESubscriber], None],
     ) -> None:
-        self.on_open = on_open
+        self.on_open: Callable[[SSESubscriber], Awaitable[None]] | None = on_open
         self.on_close = on_close
 
     async def serve(self, conn: HTTPConnection) -> None:
         subscriber = SSESubscriber(conn, conn.start_stream(200, SSE_HEADERS))
         try:
-            await self.on_open(subscriber)
+            on_open, self.on_open = self.on_open, None  # free what it holds for good
+            assert on_open is not None, "an SSEStream serves one connection"
+            await on_open(subscriber)
+            del on_open
             if not subscriber.ended:
                 await _wait_for_end(conn, subscriber)
         finally:

@@ -185,10 +185,14 @@ class WebSocket:
     application; ``evict`` closes with 1013 (too far behind)."""
 
     framing = FRAMING
+    __slots__ = ("sockets", "key", "path", "handler", "conn", "transport", "wsproto",
+                 "last_seen", "unanswered_ping", "_message", "_message_size", "_closer")
 
     def __init__(self, sockets: WebSockets, request: Request, handler: WebSocketHandler) -> None:
         self.sockets = sockets
-        self.request = request
+        # Only what the connection needs from its request, not the request itself.
+        self.key = request.header("sec-websocket-key") or ""
+        self.path = request.path
         self.handler = handler
         self.conn: HTTPConnection | None = None
         self.transport: asyncio.WriteTransport = None  # type: ignore[assignment]
@@ -204,11 +208,10 @@ class WebSocket:
     async def serve(self, conn: HTTPConnection) -> None:
         self.conn = conn
         self.transport = conn.transport
-        key = self.request.header("sec-websocket-key") or ""
         conn.write(conn.h11.send(h11.InformationalResponse(status_code=101, headers=[
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
+            (b"sec-websocket-accept", generate_accept_token(self.key.encode("ascii"))),
         ])))
         self.wsproto = Connection(ConnectionType.SERVER, trailing_data=conn.h11.trailing_data[0])
         self.sockets._register(self)
@@ -272,7 +275,7 @@ class WebSocket:
 
     def _internal_error(self, where: str) -> None:
         """A handler bug: the log gets the traceback, the client a 1011 close."""
-        log.exception("WebSocket handler %s failed (%s)", where, self.request.path)
+        log.exception("WebSocket handler %s failed (%s)", where, self.path)
         self.close(INTERNAL_ERROR, _REASONS[INTERNAL_ERROR])
 
     def _on_close(self, event: CloseConnection) -> None:
