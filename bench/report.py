@@ -110,7 +110,8 @@ def _machine_line(results: dict) -> str:
     m = results["machine"]
     return (f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
             f"{m['python']}; fd hard limit {m['fd_hard_limit']}; load client on "
-            f"{m.get('load_client_loop', 'asyncio')}; suite ran "
+            f"{m.get('load_client_loop', 'asyncio')}; rawjobs at "
+            f"{m.get('rawjobs_commit', '?')}; suite ran "
             f"{results.get('duration_s', 0):.0f} s. Ratio = rawjobs / peer.")
 
 

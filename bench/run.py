@@ -21,6 +21,7 @@ import platform
 import resource
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -145,9 +146,23 @@ def machine() -> dict:
     import os
 
     return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "rawjobs_commit": _commit(),
             "load_client_loop": CLIENT_LOOP,
             "python": platform.python_version(), "packages": versions,
             "fd_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+
+
+def _commit() -> str:
+    """The repository's HEAD, with "+dirty" when rawjobs/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "rawjobs"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def parse_args() -> argparse.Namespace:

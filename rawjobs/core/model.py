@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +71,12 @@ class Job:
         return self.status in FINISHED
 
     def copy(self) -> Job:
-        return dataclasses.replace(
-            self, params=dict(self.params), progress=dict(self.progress)
-        )
+        """A copy whose ``params`` and ``progress`` dicts are its own (a shallow
+        ``copy.copy``: ``dataclasses.replace`` would re-run ``__init__``, a hot spot)."""
+        job = copy.copy(self)
+        job.params = dict(self.params)
+        job.progress = dict(self.progress)
+        return job
 
     def to_dict(self) -> dict[str, Any]:
         """The job object of PROTOCOL.md plus its [+] fields."""

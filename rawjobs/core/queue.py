@@ -215,7 +215,7 @@ class JobQueue:
         opts = validate_options(options, jt)
         # What makes two requests "the same" for an idempotency key: the normalised
         # params and options (defaults filled), and the delay or run_at as sent.
-        fingerprint = json.dumps(
+        fingerprint = None if opts.idempotency_key is None else json.dumps(
             [jt.name, normalised, opts.priority, opts.timeout, opts.max_attempts,
              options.get("delay"), options.get("run_at")], sort_keys=True, default=str,
         )

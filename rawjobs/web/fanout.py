@@ -10,7 +10,10 @@ A small channel writes at once. A channel with more than ``slice_size`` subscrib
 (or with writes still pending) keeps an ordered log of operations, drained by one task
 that writes ``slice_size`` subscribers at a time and yields to the event loop in
 between: one event to 10,000 subscribers is some 40 ms of ``send`` calls, and other
-requests are served between its slices instead of after all of it. Everything a
+requests are served between its slices instead of after all of it. Events that wait
+in the log together are written together: one ``send`` per subscriber for all of them,
+which roughly halves the CPU of a burst (each ``send`` is a TCP segment, asyncio sets
+TCP_NODELAY). Everything a
 subscriber gets through its channel (events, direct replies, its joining) keeps the
 order in which it was asked for.
 """
@@ -146,6 +149,7 @@ class Fanout:
             kind, op = self._log[0]
             if kind == "broadcast":
                 if op.targets is None:
+                    op = self._coalesce()
                     op.targets = list(self._members)
                 written = self._write(op, len(op.targets) if budget is None else budget)
                 if budget is not None:
@@ -164,6 +168,19 @@ class Fanout:
             self._log.popleft()
             if budget is not None and budget <= 0:
                 return
+
+    def _coalesce(self) -> _Broadcast:
+        """Merge the broadcasts waiting at the head of the log, none of them started,
+        into one: each subscriber then gets them in one write (one TCP segment instead
+        of one per event), in the same order. They go to the same subscribers, as no
+        join stands between them."""
+        group = []
+        while self._log and self._log[0][0] == "broadcast" and self._log[0][1].targets is None:
+            group.append(self._log.popleft()[1])
+        merged = group[0] if len(group) == 1 else _Broadcast(
+            lambda framing: b"".join(op.data(framing) for op in group))
+        self._log.appendleft(("broadcast", merged))
+        return merged
 
     def _write(self, op: _Broadcast, count: int) -> int:
         """Write ``op`` to its next ``count`` targets; returns how many it went to."""
