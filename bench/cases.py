@@ -241,14 +241,19 @@ def queue_http(variant: Variant, seconds: float, db: str = ":memory:") -> dict:
     job ids (assigned 1, 2, ...) and the worker's ``processed``, which pruning of
     finished jobs does not change."""
     with Server(variant, concurrency=100, db=db) as server:
+        window = CpuWindow(server.pid, [])
         started = time.perf_counter()
         figures = wrk(server.port, "/api/jobs", seconds, 100, script=POST_SCRIPT)
         created = create_jobs(server.port, 1, {"events": 0})[0]
         done_at = _wait_processed(server.port, created)
+        cpu = window.stop()
     _remove_db(db)
     return {"created_per_s": created / seconds, "created": created,
             "completed_per_s": created / (done_at - started),
-            "non_2xx": figures["non_2xx"], "wrk_req_per_s": figures["req_per_s"]}
+            "cpu_us_per_job": cpu["server_cpu_s"] / created * 1e6,
+            "server_busy": cpu["server_cpu_s"] / cpu["wall_s"],
+            "non_2xx": figures["non_2xx"], "wrk_req_per_s": figures["req_per_s"],
+            "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 
 def _wait_processed(port: int, jobs: int, timeout: float = 120) -> float:

@@ -170,11 +170,11 @@ class Server:
             self._start_profiler(Path(PROFILE["dir"]))
 
     def _start_profiler(self, directory: Path) -> None:
-        """py-spy record (raw collapsed stacks, 250 Hz, without pausing the server)."""
+        """py-spy record (raw collapsed stacks, 250 Hz; pausing the server per sample keeps stacks whole)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.profile = directory / f"{self.variant.name}-{self.port}.txt"
         self.profiler = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking",
+            ["py-spy", "record", "--pid", str(self.pid), "--rate", "250",
              "--format", "raw", "-o", str(self.profile)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)

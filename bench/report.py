@@ -41,6 +41,8 @@ SINGLE_ROWS = [
     ("wrk", "cpu_us_per_request", "GET /api/stats: server CPU per request", "µs"),
     ("queue-memory", "created_per_s", "Queue over HTTP (memory): jobs created", "/s"),
     ("queue-memory", "completed_per_s", "Queue over HTTP (memory): created and completed", "/s"),
+    ("queue-memory", "cpu_us_per_job", "Queue over HTTP (memory): server CPU per job", "µs"),
+    ("queue-memory", "server_busy", "Queue over HTTP (memory): server CPU busy share", ""),
     ("queue-sqlite", "completed_per_s", "Queue over HTTP (SQLite): created and completed", "/s"),
 ]
 SIZES = (1000, 5000)
