@@ -95,14 +95,18 @@ class Cluster:
         self._outbox.put_nowait(payload)
 
     async def _send_loop(self) -> None:
+        """Forward what is waiting, in order, one round trip for all of it."""
         while True:
-            payload = await self._outbox.get()
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty() and len(batch) < 500:
+                batch.append(self._outbox.get_nowait())
             try:
-                await self.store.notify(payload)
+                await self.store.notify(batch)
             except Exception as exc:  # the others see a gap and resync
-                log.warning("could not forward an event: %s", exc)
+                log.warning("could not forward %d event(s): %s", len(batch), exc)
             finally:
-                self._outbox.task_done()
+                for _ in batch:
+                    self._outbox.task_done()
 
     # -- events in ------------------------------------------------------------------
 

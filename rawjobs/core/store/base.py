@@ -156,8 +156,8 @@ class SharedStore(Store):
         """How many finished jobs are stored."""
 
     @abc.abstractmethod
-    async def notify(self, payload: str) -> None:
-        """Send ``payload`` to every listening node."""
+    async def notify(self, payloads: list[str]) -> None:
+        """Send ``payloads``, in order, to every listening node."""
 
     @abc.abstractmethod
     async def listen(self, callback: Callable[[str], None]) -> Any:

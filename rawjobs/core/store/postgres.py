@@ -316,9 +316,12 @@ class PostgresStore(SharedStore):
     async def forget_node(self) -> None:
         await self.pool.execute("DELETE FROM rawjobs_nodes WHERE id = $1", self.node_id)
 
-    async def notify(self, payload: str) -> None:
-        """Send ``payload`` (at most 7,999 bytes) to every listening node."""
-        await self.pool.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+    async def notify(self, payloads: list[str]) -> None:
+        """Send ``payloads`` (each at most 7,999 bytes), in order, to every listening
+        node, in one round trip and one transaction."""
+        await self.pool.execute(
+            "SELECT pg_notify($1, payload) FROM unnest($2::text[]) WITH ORDINALITY"
+            " AS p(payload, n) ORDER BY n", CHANNEL, payloads)
 
     async def listen(self, callback: Callable[[str], None]) -> Any:
         """Open a dedicated connection listening on the events channel; returns it
