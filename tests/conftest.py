@@ -75,6 +75,33 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
     raise RuntimeError("server did not start in time")
 
 
+def launch(workdir: Path, *args: str, db: str = ":memory:", port: int | None = None,
+           env: dict[str, str] | None = None, ready: bool = True) -> ServerProcess:
+    """Start ``python -m rawjobs`` in ``workdir`` (its log there too)."""
+    port = port or free_port()
+    log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
+    cmd = [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", db,
+           "--log-level", "info", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cwd=str(workdir), env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    server = ServerProcess(proc, port, log_path, list(args))
+    if ready:
+        wait_ready(server.url, proc)
+    return server
+
+
+def stop(server: ServerProcess, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 @pytest.fixture
 def start_server(tmp_path):
     started: list[ServerProcess] = []
@@ -82,28 +109,29 @@ def start_server(tmp_path):
     def start(*args: str, db: str = ":memory:", port: int | None = None,
               env: dict[str, str] | None = None, cwd: Path | None = None,
               ready: bool = True) -> ServerProcess:
-        port = port or free_port()
-        log_path = tmp_path / f"server-{port}-{len(started)}.log"
-        cmd = [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", db,
-               "--log-level", "info", *args]
-        proc = subprocess.Popen(
-            cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=str(cwd or tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        server = ServerProcess(proc, port, log_path, list(args))
+        server = launch(cwd or tmp_path, *args, db=db, port=port, env=env, ready=ready)
         started.append(server)
-        if ready:
-            wait_ready(server.url, proc)
         return server
 
     yield start
     for server in started:
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
-            try:
-                server.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory):
+    """Like ``start_server``, for servers shared by a whole module (stateless checks
+    that need not pay for a server each)."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = launch(tmp_path_factory.mktemp("server"), *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        stop(server)
 
 
 @pytest.fixture

@@ -13,16 +13,12 @@ exchange) to take well under a minute together."""
 from __future__ import annotations
 
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import schemathesis
-from conftest import ServerProcess, free_port, wait_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -37,23 +33,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory):
+def fuzz_server(start_module_server):
     """Short timeouts so that a request the fuzzer left unfinished ends quickly."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:",
-         "--grace", "0", "--head-timeout", "2", "--keepalive-timeout", "2"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(log_path.parent),
-    )
-    server = ServerProcess(proc, port, log_path)
-    wait_ready(server.url, proc)
-    yield server
-    assert proc.poll() is None, "the server died"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
-    assert "Traceback" not in server.log(), server.log()[-3000:]
+    return start_module_server("--grace", "0", "--head-timeout", "2", "--keepalive-timeout", "2")
 
 
 # -- schemathesis -------------------------------------------------------------------------

@@ -7,16 +7,13 @@ import asyncio
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ServerProcess, free_port, wait_ready
+from conftest import ServerProcess, launch, stop
 from httpx_sse import aconnect_sse
 
 from rawjobs.web.sse import encode_event
@@ -49,26 +46,7 @@ FIELD_LINE = re.compile(r"^(id: \d+|event: [a-z]+|data: .*|retry: \d+|: .*|)$")
 
 def start(directory: Path, *args: str) -> ServerProcess:
     (directory / "sse_jobs.py").write_text(SPAM_JOBS)
-    port = free_port()
-    log_path = directory / f"server-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:",
-         "--grace", "0", "--jobs", "sse_jobs", *args],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(directory),
-    )
-    server = ServerProcess(proc, port, log_path, list(args))
-    wait_ready(server.url, proc)
-    return server
-
-
-def stop(server: ServerProcess) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    return launch(directory, "--grace", "0", "--jobs", "sse_jobs", *args)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,11 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, free_port, wait_ready
+from conftest import ServerProcess, launch, stop
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -186,26 +184,7 @@ def close_code(ws: RawWS, timeout: float = 5.0) -> int:
 
 
 def start(directory: Path, *args: str) -> ServerProcess:
-    port = free_port()
-    log_path = directory / f"server-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:",
-         "--grace", "0", *args],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(directory),
-    )
-    server = ServerProcess(proc, port, log_path, list(args))
-    wait_ready(server.url, proc)
-    return server
-
-
-def stop(server: ServerProcess) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    return launch(directory, "--grace", "0", *args)
 
 
 def assert_clean_log(server: ServerProcess) -> None:

@@ -6,38 +6,19 @@ from __future__ import annotations
 
 import email.utils
 import json
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, free_port, wait_ready
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(start_module_server):
     """One default server (in-memory store, concurrency 3) for the whole module: these
     checks never depend on which jobs exist, and the server must survive them all."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("http") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(log_path.parent),
-    )
-    server = ServerProcess(proc, port, log_path)
-    wait_ready(server.url, proc)
-    yield server
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-
-# -- a minimal HTTP/1.1 response reader ---------------------------------------------------
+    return start_module_server()
 
 
 class Conn:

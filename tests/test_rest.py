@@ -7,14 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from conftest import ServerProcess, free_port, wait_ready
 from websockets.asyncio.client import connect as ws_connect
 
 JOB_KEYS = {"id", "type", "params", "status", "progress", "result", "error",
@@ -30,25 +26,10 @@ def server(start_server):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(start_module_server):
     """One default server for the stateless checks (validation, methods, HEAD...):
     they never depend on which jobs exist, so they need not pay for a server each."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("shared") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:",
-         "--grace", "0"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(log_path.parent),
-    )
-    server = ServerProcess(proc, port, log_path)
-    wait_ready(server.url, proc)
-    yield server
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    return start_module_server("--grace", "0")
 
 
 @pytest.fixture

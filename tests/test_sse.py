@@ -5,15 +5,11 @@ and the end of the response, ids, Last-Event-ID, 404, HEAD, any Accept header.""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import httpx
 import pytest
-from conftest import ServerProcess, free_port, wait_ready
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
 
 STATUS_KEYS = {"id", "type", "status", "progress", "started_at"}
@@ -40,24 +36,9 @@ def server(start_server):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(start_module_server):
     """One default server for the checks that need no fresh state."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("shared") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", ":memory:",
-         "--grace", "0"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(log_path.parent),
-    )
-    server = ServerProcess(proc, port, log_path)
-    wait_ready(server.url, proc)
-    yield server
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    return start_module_server("--grace", "0")
 
 
 @pytest.fixture
