@@ -8,6 +8,7 @@ acknowledged job survives the process dying the next instant.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -163,6 +164,12 @@ class SharedStore(Store):
     async def listen(self, callback: Callable[[str], None]) -> Any:
         """Start listening; ``callback(payload)`` per notification. Returns a handle
         with ``close()`` and ``add_termination_listener``."""
+
+
+JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(Job))
+"""A stored job's columns, in order: the fields of ``Job`` (``id`` first)."""
+JSON_COLUMNS = ("params", "progress", "result")
+"""The columns stored as JSON text."""
 
 
 def empty_counts() -> dict[str, int]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..model import FAILED, FINISHED, PENDING, QUEUED_PROGRESS, STARTING_PROGRESS, Job
-from .base import SharedStore, empty_counts
+from .base import JOB_COLUMNS, JSON_COLUMNS, SharedStore, empty_counts
 
 try:
     import asyncpg
@@ -76,24 +76,18 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-COLUMNS = (
-    "id", "type", "params", "status", "progress", "result", "error", "created_at",
-    "started_at", "completed_at", "attempts", "priority", "run_at", "timeout",
-    "max_attempts", "idempotency_key", "fingerprint", "retry_of", "terminal_seq",
-    "interruptions",
-)
-_JSON = ("params", "progress", "result")
+COLUMNS = JOB_COLUMNS
 _WRITABLE = COLUMNS[1:]
 _SET_ALL = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(_WRITABLE))
 
 
 def _args(job: Job) -> list[Any]:
-    return [json.dumps(getattr(job, c)) if c in _JSON else getattr(job, c) for c in _WRITABLE]
+    return [json.dumps(getattr(job, c)) if c in JSON_COLUMNS else getattr(job, c) for c in _WRITABLE]
 
 
 def _job(row: Any) -> Job:
     fields = {c: row[c] for c in COLUMNS}
-    for c in _JSON:
+    for c in JSON_COLUMNS:
         fields[c] = json.loads(fields[c]) if fields[c] is not None else None
     return Job(**fields)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..model import CANCELLED, FINISHED, PENDING, RUNNING, STARTING_PROGRESS, Job
-from .base import Store, empty_counts, interrupt_job
+from .base import JOB_COLUMNS, JSON_COLUMNS, Store, empty_counts, interrupt_job
 
 log = logging.getLogger("rawjobs.store")
 T = TypeVar("T")
@@ -62,13 +62,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-COLUMNS = (
-    "id", "type", "params", "status", "progress", "result", "error", "created_at",
-    "started_at", "completed_at", "attempts", "priority", "run_at", "timeout",
-    "max_attempts", "idempotency_key", "fingerprint", "retry_of", "terminal_seq",
-    "interruptions",
-)
-_JSON_COLUMNS = ("params", "progress", "result")
+COLUMNS = JOB_COLUMNS
 _FINISHED_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FINISHED)) + ")"
 
 
@@ -76,7 +70,7 @@ def _to_row(job: Job) -> tuple[Any, ...]:
     values = []
     for name in COLUMNS:
         value = getattr(job, name)
-        if name in _JSON_COLUMNS:
+        if name in JSON_COLUMNS:
             value = json.dumps(value, separators=(",", ":"))
         values.append(value)
     return tuple(values)
@@ -84,7 +78,7 @@ def _to_row(job: Job) -> tuple[Any, ...]:
 
 def _from_row(row: sqlite3.Row) -> Job:
     fields = {name: row[name] for name in COLUMNS}
-    for name in _JSON_COLUMNS:
+    for name in JSON_COLUMNS:
         fields[name] = json.loads(fields[name]) if fields[name] is not None else None
     return Job(**fields)
 
