@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..web.http import Request, Response, json_response
+from ..web.http import JSON_TYPE, Request, Response, json_bytes
 
 _STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -237,6 +237,9 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
+_BODY = json_bytes(DOCUMENT)  # the document never changes: encoded once
+
+
 async def serve_openapi(request: Request) -> Response:
     """``GET /api/openapi.json``: 200 with ``DOCUMENT`` as JSON."""
-    return json_response(DOCUMENT)
+    return Response(body=_BODY, content_type=JSON_TYPE)

@@ -367,7 +367,7 @@ class HTTPConnection:
     async def send_response(self, response: Response, head_only: bool = False) -> None:
         """Write a complete response (RFC 9112 section 6): ``Content-Length`` set from
         the body unless the status forbids a body; no body bytes for HEAD."""
-        headers = self._response_headers(response, head_only)
+        headers = self._response_headers(response)
         no_body = head_only or response.status in (204, 304)
         data = self.h11.send(h11.Response(
             status_code=response.status, headers=headers,
@@ -378,7 +378,7 @@ class HTTPConnection:
         self.write(data)
         await self.flush()
 
-    def _response_headers(self, response: Response, head_only: bool) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, response: Response) -> list[tuple[bytes, bytes]]:
         headers = standard_headers()
         if response.content_type:
             headers.append((b"content-type", response.content_type.encode("latin-1")))
