@@ -136,7 +136,9 @@ def start_module_server(tmp_path_factory):
 
 @pytest.fixture
 def server(start_server) -> ServerProcess:
-    return start_server()
+    """The default server (in-memory store, concurrency 3). ``--grace 0`` only so that
+    stopping it at teardown does not wait for long jobs a test leaves running."""
+    return start_server("--grace", "0")
 
 
 @pytest.fixture

@@ -18,13 +18,6 @@ JOB_KEYS = {"id", "type", "params", "status", "progress", "result", "error",
 FINISHED = {"completed", "failed", "cancelled"}
 
 
-@pytest.fixture
-def server(start_server):
-    """The default server (in-memory store, concurrency 3). ``--grace 0`` only so that
-    stopping it at teardown does not wait for the long jobs some tests leave running."""
-    return start_server("--grace", "0")
-
-
 @pytest.fixture(scope="module")
 def shared(start_module_server):
     """One default server for the stateless checks (validation, methods, HEAD...):

@@ -28,13 +28,6 @@ FAILING_JOBS = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def server(start_server):
-    """The default server (in-memory store, concurrency 3). ``--grace 0`` only so that
-    stopping it at teardown does not wait for the long jobs some tests leave running."""
-    return start_server("--grace", "0")
-
-
 @pytest.fixture(scope="module")
 def shared(start_module_server):
     """One default server for the checks that need no fresh state."""

@@ -23,13 +23,6 @@ JOB_KEYS = {"id", "type", "params", "status", "progress", "result", "error",
 TERMINAL = ("job_completed", "job_failed", "job_cancelled")
 
 
-@pytest.fixture
-def server(start_server):
-    """The default server (in-memory store, concurrency 3). ``--grace 0`` only so that
-    stopping it at teardown does not wait for the long jobs some tests leave running."""
-    return start_server("--grace", "0")
-
-
 class Feed:
     """A /ws/queue connection recording every message it receives."""
 
