@@ -5,6 +5,13 @@ headers, limits (head size, body size, head and idle timeouts, connection count)
 clean shutdown. A handler returns a ``Response``, or a ``Takeover`` that owns the
 connection from then on (SSE, WebSocket). RFC 9112 is the wire format followed;
 SERVER-NOTES.md section 1 is the checklist for driving h11.
+
+h11 parses every request. Complete responses are written by hand (status line,
+headers, body in one write: through h11 they cost more than the rest of a small
+request), and the next request cycle starts with a fresh h11 state machine holding the
+bytes the client sent beyond the last request. Stream heads (SSE), the WebSocket 101,
+``100 Continue`` and fault answers still go through h11. Each connection has one read
+deadline, moved lazily (see ``_arm``), instead of a timer per read.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ SERVER_NAME = "rawjobs"
 _WRITE_HIGH_WATER = 64 * 1024
 _READ_SIZE = 64 * 1024
 _MAX_LINGERING_REFUSALS = 64
+# "HTTP/1.1 200 OK\r\n" for every status we may send (RFC 9112 section 4).
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in http.HTTPStatus}
+# What a header value must not hold (RFC 9110 section 5.5): no response splitting.
+_BAD_FIELD = re.compile(r"[\r\n\x00]")
 # h11's own end-of-head pattern (h11/_receivebuffer.py), so that our view of where a
 # head ends agrees with the parser's.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
@@ -66,18 +77,25 @@ class Limits:
 
 
 class _DateCache:
-    """The ``Date`` header value (RFC 9110 section 6.6.1), formatted once a second."""
+    """The ``Date`` header value (RFC 9110 section 6.6.1), formatted once a second;
+    ``lines`` is the ``Date`` and ``Server`` header lines of a hand-written head."""
 
     def __init__(self) -> None:
         self._second = -1
         self._value = b""
+        self.lines = ""
 
     def get(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
             self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+            self.lines = f"date: {self._value.decode()}\r\nserver: {SERVER_NAME}\r\n"
         return self._value
+
+    def head_lines(self) -> str:
+        self.get()
+        return self.lines
 
 
 _date = _DateCache()
@@ -184,7 +202,8 @@ class HTTPConnection:
     responses. Takeovers use ``start_stream``, ``write`` and ``transport``."""
 
     __slots__ = ("server", "limits", "reader", "writer", "transport", "h11", "client",
-                 "idle", "_close_when_idle", "_requests", "_head")
+                 "idle", "_close_when_idle", "_requests", "_head", "_task", "_deadline",
+                 "_timer", "_timer_when", "_expired")
 
     def __init__(self, server: HTTPServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -199,10 +218,16 @@ class HTTPConnection:
         self._close_when_idle = False
         self._requests = 0
         self._head = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._expired = False
 
     # -- the request loop --------------------------------------------------------
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         try:
             await self._serve_requests()
         except ProtocolFault as fault:
@@ -225,11 +250,14 @@ class HTTPConnection:
             result = await self._dispatch(request)
             if not isinstance(result, Response):
                 del request  # a stream can last hours: keep only what it needs
+                self._stop_timer()
                 await result.serve(self)
                 return
-            await self.send_response(result, head_only=request.method == "HEAD")
-            if not self._next_cycle():
+            keep_alive = self._keep_alive()
+            await self.send_response(result, request.method == "HEAD", keep_alive)
+            if not keep_alive:
                 return
+            self._next_cycle()
             self.idle = True
 
     async def _dispatch(self, request: Request) -> Response | Takeover:
@@ -239,14 +267,25 @@ class HTTPConnection:
             log.exception("handler failed: %s %s", request.method, request.path)
             return error_response(500, "Internal server error")
 
-    def _next_cycle(self) -> bool:
-        """After a response: True to read the next request on this connection."""
-        if self._close_when_idle:
+    def _keep_alive(self) -> bool:
+        """Whether the connection serves another request after this response: the
+        whole request was read, the client keeps the connection (HTTP/1.1 without
+        ``Connection: close``, RFC 9112 section 9.3), and we are not closing. A
+        declined upgrade (``MIGHT_SWITCH_PROTOCOL``) is answered like any request."""
+        if self._close_when_idle or self.server.closing:
             return False
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
+        return self.h11.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+
+    def _next_cycle(self) -> None:
+        """Start the next request cycle after a hand-written response: a fresh h11
+        state machine fed with what the client sent beyond this request (pipelined
+        bytes, and its end of stream if it half-closed)."""
+        pending, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        if pending:
+            self.h11.receive_data(pending)
+        if closed:
+            self.h11.receive_data(b"")
 
     async def _read_request(self) -> Request | None:
         """The next complete request, body included; None when the client is done
@@ -334,22 +373,68 @@ class HTTPConnection:
                 return event
             if self._close_when_idle and first and not got_bytes:
                 return None
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    data = await self.reader.read(_READ_SIZE)
-            except TimeoutError:
+            data = await self._read_until(deadline)
+            if data is None:
                 if first and not got_bytes:
                     return None
-                raise ProtocolFault(408, "Request took too long to arrive") from None
+                raise ProtocolFault(408, "Request took too long to arrive")
             if first and data:
                 if not got_bytes:
                     got_bytes = True
                     deadline = time.monotonic() + self.limits.head_timeout
                 self._head += data
             self.h11.receive_data(data)
+
+    # -- the read deadline ---------------------------------------------------------
+
+    async def _read_until(self, deadline: float) -> bytes | None:
+        """Read what the client sends (b"" at its end of stream), or None if nothing
+        came before ``deadline`` (``time.monotonic()`` seconds)."""
+        if time.monotonic() >= deadline:
+            return None
+        self._arm(deadline)
+        try:
+            return await self.reader.read(_READ_SIZE)
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            self._expired = False
+            self._task.uncancel()  # type: ignore[union-attr]
+            return None
+        finally:
+            self._deadline = None
+
+    def _arm(self, deadline: float) -> None:
+        """Set the read deadline. One timer per connection, moved lazily: a timer due
+        before the deadline finds it later and waits again (``_on_timer``), so a busy
+        keep-alive connection costs about one timer per timeout period, not one per
+        read; a timer due after it is moved earlier."""
+        self._deadline = deadline
+        if self._timer is None or deadline < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = deadline
+            self._timer = asyncio.get_running_loop().call_later(
+                deadline - time.monotonic(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # not reading now: the next read arms a new timer
+        if deadline > time.monotonic():
+            self._arm(deadline)
+            return
+        self._deadline = None
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()  # lands in the pending read: see _read_until
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- writing -------------------------------------------------------------------
 
@@ -364,30 +449,51 @@ class HTTPConnection:
         async with asyncio.timeout(self.limits.write_timeout):
             await self.writer.drain()
 
-    async def send_response(self, response: Response, head_only: bool = False) -> None:
-        """Write a complete response (RFC 9112 section 6): ``Content-Length`` set from
-        the body unless the status forbids a body; no body bytes for HEAD."""
-        headers = self._response_headers(response)
+    async def send_response(self, response: Response, head_only: bool = False,
+                            keep_alive: bool = True) -> None:
+        """Write a complete response in one write (RFC 9112 section 6), head and
+        body: ``Content-Length`` from the body unless the status forbids a body (204,
+        304); no body bytes for HEAD; ``Connection: close`` unless ``keep_alive``.
+        Written by hand, not through h11 (which costs more than the rest of a small
+        request); the request cycle then restarts with a fresh h11 state machine
+        (``_next_cycle``). A header that cannot be sent (CR, LF or NUL in it, or
+        not Latin-1) turns the response into a 500, logged."""
+        try:
+            data = self._response_head(response, keep_alive).encode("latin-1")
+        except ValueError:
+            log.exception("response to %s has a header that cannot be sent", self.client)
+            response = error_response(500, "Internal server error")
+            data = self._response_head(response, keep_alive).encode("latin-1")
         no_body = head_only or response.status in (204, 304)
-        data = self.h11.send(h11.Response(
-            status_code=response.status, headers=headers,
-            reason=http.HTTPStatus(response.status).phrase.encode("ascii")))
         if response.body and not no_body:
-            data += self.h11.send(h11.Data(data=response.body))
-        data += self.h11.send(h11.EndOfMessage())
+            data += response.body
         self.write(data)
         await self.flush()
 
-    def _response_headers(self, response: Response) -> list[tuple[bytes, bytes]]:
-        headers = standard_headers()
+    def _response_head(self, response: Response, keep_alive: bool) -> str:
+        status = response.status
+        parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n", _date.head_lines()]
         if response.content_type:
-            headers.append((b"content-type", response.content_type.encode("latin-1")))
-        headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers)
-        if response.status not in (204, 304) and response.known_length:
-            headers.append((b"content-length", str(len(response.body)).encode()))
-        if self._close_when_idle or self.server.closing:
-            headers.append((b"connection", b"close"))
-        return headers
+            parts.append(f"content-type: {response.content_type}\r\n")
+        for name, value in response.headers:
+            if _BAD_FIELD.search(name) or _BAD_FIELD.search(value):
+                raise ValueError(f"response header {name!r} holds CR, LF or NUL")
+            parts.append(f"{name}: {value}\r\n")
+        if status not in (204, 304):
+            parts.append(self._framing(response, keep_alive))
+        if not keep_alive:
+            parts.append("connection: close\r\n")
+        parts.append("\r\n")
+        return "".join(parts)
+
+    def _framing(self, response: Response, keep_alive: bool) -> str:
+        """The body's framing line: its length, or for the head of a stream answered
+        to HEAD the framing the stream itself would use (chunked on HTTP/1.1)."""
+        if response.known_length:
+            return f"content-length: {len(response.body)}\r\n"
+        if keep_alive and self.h11.their_http_version != b"1.0":
+            return "transfer-encoding: chunked\r\n"
+        return ""
 
     def start_stream(self, status: int, headers: list[tuple[str, str]]) -> bool:
         """Send the head of a streamed response of unknown length (RFC 9112 section
@@ -427,6 +533,7 @@ class HTTPConnection:
     async def close(self) -> None:
         """Close gracefully, giving the client at most ``write_timeout`` seconds to
         take what is still buffered; then abort, so no closing write waits forever."""
+        self._stop_timer()
         self.abort_if_open(graceful=True)
         try:
             async with asyncio.timeout(self.limits.write_timeout):
