@@ -1,4 +1,4 @@
-"""Start rawjobs, optionally on uvloop (rawjobs itself has no --loop option):
+"""Start rawjobs (``--loop`` is handed to rawjobs' own ``--loop``):
 
     python bench/launch.py [--loop asyncio|uvloop] [--preload MODULE] -- <rawjobs options>
 
@@ -10,7 +10,6 @@ a way to measure a proposed change to rawjobs as a patch, without editing it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import sys
@@ -23,16 +22,12 @@ def main() -> int:
     args, rest = parser.parse_known_args()
     if rest and rest[0] == "--":
         rest = rest[1:]
-    if args.loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     preload = args.preload + os.environ.get("BENCH_RAWJOBS_PRELOAD", "").split(",")
     for module in filter(None, preload):
         importlib.import_module(module)
     from rawjobs.__main__ import main as rawjobs_main
 
-    return rawjobs_main(rest)
+    return rawjobs_main(["--loop", args.loop, *rest])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 
 from .app import LOOPBACK_HOSTS, Settings, serve
 from .core.jobs import JobTypeError
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="seconds between a node's heartbeats with PostgreSQL (default %(default)s)")
     a("--lease", type=float, default=15.0,
       help="seconds a running job's lease lasts without a heartbeat (default %(default)s)")
+    a("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+      help="event loop: asyncio's own, or uvloop (pip install 'rawjobs[uvloop]') "
+           "(default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -147,6 +151,15 @@ def _on_signal(stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for ``--loop``; raises ImportError without uvloop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -157,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("listening on %s without --token: anyone who can reach this port "
                     "can run and cancel jobs", settings.host)
     try:
-        asyncio.run(_main(settings))
+        loop_factory = _loop_factory(args.loop)
+    except ImportError:
+        print("rawjobs: --loop uvloop needs uvloop: pip install 'rawjobs[uvloop]'",
+              file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_main(settings))
     except (ImportError, JobTypeError) as exc:
         print(f"rawjobs: {exc}", file=sys.stderr)
         return 2

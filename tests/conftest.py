@@ -77,11 +77,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
 
 def launch(workdir: Path, *args: str, db: str = ":memory:", port: int | None = None,
            env: dict[str, str] | None = None, ready: bool = True) -> ServerProcess:
-    """Start ``python -m rawjobs`` in ``workdir`` (its log there too)."""
+    """Start ``python -m rawjobs`` in ``workdir`` (its log there too). With
+    ``RAWJOBS_TEST_LOOP=uvloop`` in the environment every server runs on uvloop."""
     port = port or free_port()
     log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
+    loop = os.environ.get("RAWJOBS_TEST_LOOP")
     cmd = [sys.executable, "-m", "rawjobs", "--port", str(port), "--db", db,
-           "--log-level", "info", *args]
+           "--log-level", "info", *(["--loop", loop] if loop else []), *args]
     proc = subprocess.Popen(
         cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         cwd=str(workdir), env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

@@ -1,5 +1,6 @@
 """The server starts, answers, and runs a job end to end."""
 
+import json
 import time
 
 
@@ -18,3 +19,39 @@ def test_stats_and_a_job(client):
         time.sleep(0.1)
     assert job["status"] == "completed"
     assert job["result"] == {"message": "hi", "echoed": "hi", "delay": 1}
+
+
+def test_on_uvloop(start_server):
+    """``--loop uvloop``: the same job end to end, its progress over SSE, and the
+    /ws/queue feed, on uvloop's event loop."""
+    import httpx
+    from httpx_sse import connect_sse
+    from websockets.sync.client import connect
+
+    server = start_server("--loop", "uvloop")
+    with connect(f"ws://127.0.0.1:{server.port}/ws/queue") as ws, \
+            httpx.Client(base_url=server.url, timeout=10) as client:
+        assert json.loads(ws.recv(timeout=5))["type"] == "queue_state"
+        job_id = client.post("/api/jobs", json={"job_type": "countdown",
+                                                "params": {"seconds": 1}}).json()["id"]
+        with connect_sse(client, "GET", f"/api/jobs/{job_id}/progress") as source:
+            events = [sse.event for sse in source.iter_sse() if sse.data]
+        assert events[0] == "status" and events[-1] == "complete"
+        seen = set()
+        while "job_completed" not in seen:
+            seen.add(json.loads(ws.recv(timeout=5))["type"])
+    assert "Traceback" not in server.log()
+
+
+def test_uvloop_missing_is_a_clear_error(tmp_path):
+    """Without uvloop installed, ``--loop uvloop`` exits 2 with a hint."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "uvloop.py"
+    blocker.write_text("raise ImportError('no uvloop here')\n")
+    result = subprocess.run([sys.executable, "-m", "rawjobs", "--loop", "uvloop"],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "pip install 'rawjobs[uvloop]'" in result.stderr
