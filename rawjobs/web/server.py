@@ -555,6 +555,12 @@ class HTTPConnection:
                 while await self.reader.read(_READ_SIZE):
                     pass
 
+    def end_reads(self) -> None:
+        """Make a pending or later read of this connection return b"" (end of
+        stream), as if the client had closed: a takeover waiting on its client ends.
+        Call after closing the transport, so no more data arrives."""
+        self.reader.feed_eof()
+
     def close_when_idle(self) -> None:
         """Shutdown: close now if waiting for a request, else after this response."""
         self._close_when_idle = True

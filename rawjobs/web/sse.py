@@ -64,14 +64,13 @@ class SSESubscriber:
     """One open event stream. ``framing`` tells the fan-out which bytes it takes;
     ``ended`` is True once the stream is over (``end`` or the client gone)."""
 
-    __slots__ = ("conn", "transport", "framing", "ended", "_done")
+    __slots__ = ("conn", "transport", "framing", "ended")
 
     def __init__(self, conn: HTTPConnection, chunked: bool) -> None:
         self.conn = conn
         self.transport = conn.transport
         self.framing = CHUNKED if chunked else RAW
         self.ended = False
-        self._done = asyncio.Event()
 
     def send(self, payload: bytes) -> None:
         """Write one SSE payload (an event, comment or retry field)."""
@@ -79,13 +78,15 @@ class SSESubscriber:
             self.conn.write(frame(payload, self.framing))
 
     def end(self) -> None:
-        """End the stream (final chunk) and close the connection. Idempotent."""
+        """End the stream (final chunk) and close the connection; the stream's
+        read of the client (``_read_until_gone``) ends at once, even if the client
+        stopped reading and the close waits on its socket. Idempotent."""
         if self.ended:
             return
         self.ended = True
-        self._done.set()
         self.conn.end_stream()
         self.conn.abort_if_open(graceful=True)
+        self.conn.end_reads()
 
     def evict(self) -> None:
         """Fell too far behind: end the stream; the client reconnects."""
@@ -113,7 +114,7 @@ class SSEStream:
             await on_open(subscriber)
             del on_open
             if not subscriber.ended:
-                await _wait_for_end(conn, subscriber)
+                await _read_until_gone(conn)
         finally:
             self.on_close(subscriber)
             subscriber.ended = True
@@ -121,22 +122,11 @@ class SSEStream:
             log.debug("event stream to %s closed", conn.client)
 
 
-async def _wait_for_end(conn: HTTPConnection, subscriber: SSESubscriber) -> None:
-    """Return as soon as the client goes away (EOF or reset, noticed with no event
-    sent) or the stream is ended (``end``: finished, evicted or shut down), so that
-    an ended stream to a client that stopped reading does not wait on its socket."""
-    reading = asyncio.ensure_future(_read_until_gone(conn))
-    ended = asyncio.ensure_future(subscriber._done.wait())
-    try:
-        await asyncio.wait((reading, ended), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        reading.cancel()
-        ended.cancel()
-
-
 async def _read_until_gone(conn: HTTPConnection) -> None:
-    """Read until EOF or reset; a client sending more than 64 KiB during a stream
-    (it has nothing to send) counts as gone."""
+    """Read until the client goes away (EOF or reset, noticed with no event sent)
+    or the stream is ended (``SSESubscriber.end`` ends the read); a client sending
+    more than 64 KiB during a stream (it has nothing to send) counts as gone. The
+    connection's own task does this: no task or event per stream besides it."""
     received = 0
     while received <= _MAX_INBOUND:
         try:
