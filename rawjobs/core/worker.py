@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from .events import EventHub
@@ -84,12 +85,7 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             try:
-                while len(self._tasks) < self.capacity and not self._stopping:
-                    jobs = await self.queue.claim(self.capacity - len(self._tasks))
-                    for job in jobs:
-                        self._launch(job)
-                    if not jobs:
-                        break
+                await self._fill()
                 timeout = await self._idle_timeout()
             except Exception:
                 log.exception("claiming a job failed; retrying in 1 s")
@@ -100,6 +96,20 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _fill(self) -> None:
+        """Claim and launch jobs until every slot is taken or none is runnable. A
+        claim that returns fewer jobs than asked means none was left at that moment;
+        work added since has set ``_wake``, so the loop comes back for it."""
+        while not self._stopping:
+            free = self.capacity - len(self._tasks)
+            if free <= 0:
+                return
+            jobs = await self.queue.claim(free)
+            for job in jobs:
+                self._launch(job)
+            if len(jobs) < free:
+                return
 
     async def _idle_timeout(self) -> float | None:
         """Seconds until the earliest delayed job is due (None: wait for a wake-up)."""
@@ -133,8 +143,11 @@ class Worker:
         try:
             if jt is None:
                 raise LookupError(f"Unknown job type: {job.type}")
-            async with asyncio.timeout(job.timeout):
+            if job.timeout is None:
                 result = await self._call_handler(jt, job)
+            else:
+                async with asyncio.timeout(job.timeout):
+                    result = await self._call_handler(jt, job)
         except asyncio.CancelledError:
             if self.queue.is_live(job.id):  # not a job cancel: the worker is stopping
                 raise
@@ -147,11 +160,11 @@ class Worker:
         else:
             await self.queue.complete(job.id, result)
 
-    async def _call_handler(self, jt: JobType, job: Job) -> Any:
+    def _call_handler(self, jt: JobType, job: Job) -> Awaitable[Any]:
+        """The handler's run, to be awaited: on the loop, or in the process pool."""
         def report(percent: int, message: str) -> None:
             self.queue.progress(job.id, percent, message)
 
         if jt.executor == "process":
-            return await self.pool.run(jt.handler, job.id, job.params, job.attempts, report)
-        ctx = JobContext(job.id, job.params, job.attempts, report)
-        return await jt.handler(ctx)
+            return self.pool.run(jt.handler, job.id, job.params, job.attempts, report)
+        return jt.handler(JobContext(job.id, job.params, job.attempts, report))
