@@ -27,7 +27,6 @@ from .model import (
     COMPLETED_PROGRESS,
     FAILED,
     FINAL_PROGRESS_EVENT,
-    FINISHED,
     PENDING,
     QUEUED_PROGRESS,
     RUNNING,
@@ -39,6 +38,9 @@ from .store.base import Store, empty_counts
 log = logging.getLogger("rawjobs.queue")
 
 RETRYABLE = (FAILED, CANCELLED)
+_STRICT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+"""What every client will parse: strict JSON (no NaN or Infinity). Built once:
+``json.dumps`` with options builds a new encoder per call."""
 TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
 TERMINAL_MEMORY = 10_000
 
@@ -327,7 +329,7 @@ class JobQueue:
         if live is None:
             return
         try:  # what every client will parse: strict JSON, valid UTF-8
-            json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            _STRICT_JSON.encode(result).encode("utf-8")
         except (TypeError, ValueError):
             await self.fail(job_id, "Job result is not valid JSON (NaN, Infinity, lone "
                             "surrogates and non-JSON types are not allowed)", retry=False)
@@ -400,7 +402,9 @@ class JobQueue:
             self._recent[job.id] = job
         if self.shared:  # the cluster prunes by the database's count
             return
-        excess = sum(self._counts[s] for s in FINISHED) - self._pruning - self.keep_finished
+        counts = self._counts
+        finished = counts[COMPLETED] + counts[FAILED] + counts[CANCELLED]
+        excess = finished - self._pruning - self.keep_finished
         if excess > 0:
             self._pruning += excess
             self._spawn(self._prune(excess))
