@@ -11,6 +11,7 @@ durable backends are reopened.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -911,3 +912,36 @@ async def test_reserve_seq_survives_reopen(store, reopen):
     high = await fresh.reserve_seq(10, 10**9)
     again = await reopen()
     assert await again.reserve_seq(10, 1) >= high + 10
+
+
+# -- SQLite: group commit ------------------------------------------------------------------
+
+
+async def test_sqlite_a_failing_call_in_a_batch_spares_the_others(tmp_path):
+    """Calls queued together run in one transaction; one that raises after writing
+    leaves nothing written, and the calls before and after it are committed."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        def write_then_fail(conn):
+            conn.execute("UPDATE jobs SET error = 'half done' WHERE id = 1")
+            raise RuntimeError("boom")
+
+        gate = threading.Event()
+        blocker = store._call(lambda conn: gate.wait(5))
+        await asyncio.sleep(0.05)  # the store's thread is inside the blocker's batch
+        before = asyncio.ensure_future(store.add(new_job()))
+        await asyncio.sleep(0)
+        failing = store._call(write_then_fail)
+        after = asyncio.ensure_future(store.add(new_job()))
+        await asyncio.sleep(0)
+        gate.set()  # everything above now runs as one batch
+        await blocker
+        assert (await before)[0].id == 1
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing
+        assert (await after)[0].id == 2
+        assert (await store.get(1)).error is None
+        assert (await store.stats())[PENDING] == 2
+    finally:
+        await store.close()

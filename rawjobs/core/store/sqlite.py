@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -64,23 +65,36 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 COLUMNS = JOB_COLUMNS
 _FINISHED_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FINISHED)) + ")"
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+_INSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS[1:])}) "
+           f"VALUES ({', '.join('?' * (len(COLUMNS) - 1))})")
+_UPDATE = f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in COLUMNS[1:])} WHERE id = ?"
+_CLAIM = ("UPDATE jobs SET status = 'running', started_at = ?, run_at = NULL,"
+          " attempts = attempts + 1, progress = ? WHERE id = ?")
+_values = operator.attrgetter(*COLUMNS)
+_JSON_AT = tuple(COLUMNS.index(name) for name in JSON_COLUMNS)
+_STATUS_AT = COLUMNS.index("status")
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""JSON columns as stored: compact. One encoder for all (``json.dumps`` with options
+builds a new one per call)."""
+_STARTING = _encode(STARTING_PROGRESS)
 
 
-def _to_row(job: Job) -> tuple[Any, ...]:
-    values = []
-    for name in COLUMNS:
-        value = getattr(job, name)
-        if name in JSON_COLUMNS:
-            value = json.dumps(value, separators=(",", ":"))
-        values.append(value)
-    return tuple(values)
+def _to_row(job: Job) -> list[Any]:
+    """The job's column values, in ``COLUMNS`` order (id first), JSON encoded."""
+    row = list(_values(job))
+    for i in _JSON_AT:
+        row[i] = _encode(row[i])
+    return row
 
 
-def _from_row(row: sqlite3.Row) -> Job:
-    fields = {name: row[name] for name in COLUMNS}
-    for name in JSON_COLUMNS:
-        fields[name] = json.loads(fields[name]) if fields[name] is not None else None
-    return Job(**fields)
+def _from_row(row: tuple[Any, ...]) -> Job:
+    """A job from a row selected in ``COLUMNS`` order."""
+    values = list(row)
+    for i in _JSON_AT:
+        if values[i] is not None:
+            values[i] = json.loads(values[i])
+    return Job(*values)
 
 
 class SQLiteStore(Store):
@@ -117,7 +131,6 @@ class SQLiteStore(Store):
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -154,18 +167,19 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _execute(conn: sqlite3.Connection, calls: list[Any]) -> list[Any]:
-        results = []
+        """Run ``calls`` in one transaction. Each call's writes are all or nothing:
+        the batch runs straight through, and if a call raises, it is rolled back and
+        run again with each call in its own savepoint (a failure is rare; a savepoint
+        per call would cost two statements each time)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, future in calls:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((future, fn(conn), None))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((future, None, exc))
+            try:
+                results = [(future, fn(conn), None) for fn, future in calls]
+            except Exception:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results = _each_in_savepoint(conn, calls)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.exception("SQLite transaction failed")
@@ -184,28 +198,26 @@ class SQLiteStore(Store):
     # -- the interface ------------------------------------------------------------
 
     async def add(self, job: Job) -> tuple[Job, bool]:
-        def op(conn: sqlite3.Connection) -> tuple[Job, bool]:
-            if job.idempotency_key is not None:
-                row = conn.execute(
-                    "SELECT * FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
-                ).fetchone()
-                if row is not None:
-                    return _from_row(row), False
-            row = _to_row(job)[1:]
-            cur = conn.execute(
-                f"INSERT INTO jobs ({', '.join(COLUMNS[1:])}) "
-                f"VALUES ({', '.join('?' * len(row))})",
-                row,
-            )
-            stored = job.copy()
-            stored.id = cur.lastrowid
-            return stored, True
+        row = _to_row(job)[1:]
+        key = job.idempotency_key
 
-        return await self._call(op)
+        def op(conn: sqlite3.Connection) -> tuple[Job, bool] | int:
+            if key is not None:
+                found = conn.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
+                if found is not None:
+                    return _from_row(found), False
+            return conn.execute(_INSERT, row).lastrowid
+
+        done = await self._call(op)
+        if isinstance(done, tuple):
+            return done
+        stored = job.copy()
+        stored.id = done
+        return stored, True
 
     async def get(self, job_id: int) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
             return _from_row(row) if row else None
 
         return await self._call(op)
@@ -216,7 +228,7 @@ class SQLiteStore(Store):
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        sql = "SELECT * FROM jobs"
+        sql = _SELECT
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -234,19 +246,19 @@ class SQLiteStore(Store):
     async def claim_many(self, now: float, limit: int) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                "SELECT * FROM jobs INDEXED BY jobs_pending WHERE status = 'pending'"
+                f"{_SELECT} INDEXED BY jobs_pending WHERE status = 'pending'"
                 " AND (run_at IS NULL OR run_at <= ?) ORDER BY priority DESC, id LIMIT ?",
                 (now, limit),
             ).fetchall()
-            jobs = [_from_row(row) for row in rows]
-            for job in jobs:
-                job.status, job.started_at, job.run_at = RUNNING, now, None
-                job.attempts += 1
-                job.progress = dict(STARTING_PROGRESS)
-                _write(conn, job)
-            return jobs
+            conn.executemany(_CLAIM, [(now, _STARTING, row[0]) for row in rows])
+            return rows
 
-        return await self._call(op)
+        jobs = [_from_row(row) for row in await self._call(op)]
+        for job in jobs:  # as the UPDATE above wrote them
+            job.status, job.started_at, job.run_at = RUNNING, now, None
+            job.attempts += 1
+            job.progress = dict(STARTING_PROGRESS)
+        return jobs
 
     async def next_run_at(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
@@ -259,25 +271,25 @@ class SQLiteStore(Store):
         return await self._call(op)
 
     async def save(self, job: Job) -> None:
-        job = job.copy()
-        await self._call(lambda conn: _write(conn, job))
+        args = _update_args(job)  # the job as it is now, whatever happens to it next
+        await self._call(lambda conn: conn.execute(_UPDATE, args))
 
     async def finish(self, job: Job) -> bool:
-        job = job.copy()
+        args = _update_args(job)
 
         def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (args[-1],)).fetchone()
             if row is None or row[0] != RUNNING:
                 return False
-            _write(conn, job)
+            conn.execute(_UPDATE, args)
             return True
 
         return await self._call(op)
 
     async def cancel_running(self, job_id: int, now: float) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["status"] != RUNNING:
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[_STATUS_AT] != RUNNING:
                 return None
             job = _from_row(row)
             job.status, job.completed_at = CANCELLED, now
@@ -294,7 +306,7 @@ class SQLiteStore(Store):
 
     async def cancel_pending(self, job_id: int, now: float) -> tuple[Job | None, bool]:
         def op(conn: sqlite3.Connection) -> tuple[Job | None, bool]:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None, False
             job = _from_row(row)
@@ -331,7 +343,7 @@ class SQLiteStore(Store):
     async def recover(self, max_interruptions: int) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
             jobs = [_from_row(r) for r in conn.execute(
-                "SELECT * FROM jobs WHERE status = 'running' ORDER BY id")]
+                f"{_SELECT} WHERE status = 'running' ORDER BY id")]
             now = time.time()
             for job in jobs:
                 interrupt_job(job, max_interruptions, now)
@@ -354,10 +366,32 @@ class SQLiteStore(Store):
         return await self._call(op)
 
 
-def _write(conn: sqlite3.Connection, job: Job) -> None:
+def _update_args(job: Job) -> list[Any]:
+    """The parameters of ``_UPDATE`` for ``job``: every column, then the id."""
     row = _to_row(job)
-    assignments = ", ".join(f"{name} = ?" for name in COLUMNS[1:])
-    conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row[1:], row[0]))
+    row.append(row[0])
+    del row[0]
+    return row
+
+
+def _write(conn: sqlite3.Connection, job: Job) -> None:
+    conn.execute(_UPDATE, _update_args(job))
+
+
+def _each_in_savepoint(conn: sqlite3.Connection, calls: list[Any]) -> list[Any]:
+    """Run ``calls``, each in its own savepoint: one that raises leaves nothing
+    written and gets its exception; the others are unaffected."""
+    results = []
+    for fn, future in calls:
+        conn.execute("SAVEPOINT op")
+        try:
+            results.append((future, fn(conn), None))
+            conn.execute("RELEASE op")
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            results.append((future, None, exc))
+    return results
 
 
 def _delete_counted(
