@@ -430,6 +430,7 @@ async def test_next_run_at(store):
 async def test_next_run_at_follows_a_saved_run_at(store):
     job = await add(store)
     running = await store.claim(NOW)
+    assert await store.next_run_at() is None
     running.status, running.run_at = PENDING, NOW + 7
     await store.save(running)
     assert await store.next_run_at() == NOW + 7

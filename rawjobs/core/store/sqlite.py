@@ -108,6 +108,10 @@ class SQLiteStore(Store):
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # ``next_run_at`` without a round trip: this process makes every write, so
+        # once a query found no delayed job, none exists until a write may add one.
+        self._none_delayed = False
+        self._delaying_writes = 0
 
     # -- the thread -------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class SQLiteStore(Store):
     async def add(self, job: Job) -> tuple[Job, bool]:
         row = _to_row(job)[1:]
         key = job.idempotency_key
+        self._note_write(job)
 
         def op(conn: sqlite3.Connection) -> tuple[Job, bool] | int:
             if key is not None:
@@ -261,6 +266,9 @@ class SQLiteStore(Store):
         return jobs
 
     async def next_run_at(self) -> float | None:
+        if self._none_delayed:
+            return None
+
         def op(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
                 "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_delayed"
@@ -268,14 +276,29 @@ class SQLiteStore(Store):
             ).fetchone()
             return row[0]
 
-        return await self._call(op)
+        writes = self._delaying_writes
+        run_at = await self._call(op)
+        # Calls run in the order they are made: a write made before this query is
+        # in its answer; one made since may have added a delayed job.
+        if run_at is None and writes == self._delaying_writes:
+            self._none_delayed = True
+        return run_at
+
+    def _note_write(self, job: Job) -> None:
+        """Called as a write of ``job`` is made: forget "no delayed job" if it may
+        leave one (pending with a ``run_at``)."""
+        if job.run_at is not None and job.status == PENDING:
+            self._delaying_writes += 1
+            self._none_delayed = False
 
     async def save(self, job: Job) -> None:
         args = _update_args(job)  # the job as it is now, whatever happens to it next
+        self._note_write(job)
         await self._call(lambda conn: conn.execute(_UPDATE, args))
 
     async def finish(self, job: Job) -> bool:
         args = _update_args(job)
+        self._note_write(job)
 
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT status FROM jobs WHERE id = ?", (args[-1],)).fetchone()
