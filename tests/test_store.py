@@ -455,6 +455,18 @@ async def test_save_writes_every_field(store):
     assert (await store.stats())[COMPLETED] == 1
 
 
+async def test_save_of_named_fields_writes_them(store):
+    job = await add(store)
+    running = await store.claim(NOW)
+    running.status, running.result, running.error = COMPLETED, {"n": [1, "ü"]}, None
+    running.progress = {"percent": 100, "message": "Complete"}
+    running.completed_at, running.terminal_seq = NOW + 2, 7
+    await store.save(running, ("status", "progress", "result", "error", "completed_at",
+                               "terminal_seq"))
+    assert await store.get(job.id) == running
+    assert (await store.stats())[COMPLETED] == 1
+
+
 async def test_save_failed_keeps_error(store):
     job = await add(store)
     running = await store.claim(NOW)

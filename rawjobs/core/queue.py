@@ -42,6 +42,9 @@ _STRICT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 """What every client will parse: strict JSON (no NaN or Infinity). Built once:
 ``json.dumps`` with options builds a new encoder per call."""
 TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
+ENDING_FIELDS = ("status", "progress", "result", "error", "completed_at", "terminal_seq")
+"""What ending a job running here may change since its claim was written: the write
+at the end of a run saves these alone."""
 TERMINAL_MEMORY = 10_000
 
 
@@ -387,7 +390,7 @@ class JobQueue:
         self._move(RUNNING, live.status)
         self._finish(live, event_type, data)
         if not self.shared:
-            await self.store.save(live)
+            await self.store.save(live, ENDING_FIELDS)
 
     def _take_live(self, job_id: int) -> None:
         self._live.pop(job_id, None)

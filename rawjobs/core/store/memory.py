@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Collection
 from typing import Any
 
 from ..model import (
@@ -112,7 +113,7 @@ class MemoryStore(Store):
             heapq.heappop(self._delayed)
         return None
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
         current = self._jobs.get(job.id)
         if current is None:
             return

@@ -14,6 +14,7 @@ last WAL checkpoint (SQLite's documented trade-off for NORMAL in WAL mode).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import operator
@@ -21,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from ..model import CANCELLED, FINISHED, PENDING, RUNNING, STARTING_PROGRESS, Job
@@ -291,10 +292,14 @@ class SQLiteStore(Store):
             self._delaying_writes += 1
             self._none_delayed = False
 
-    async def save(self, job: Job) -> None:
-        args = _update_args(job)  # the job as it is now, whatever happens to it next
+    async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
+        # The statement's parameters are the job as it is now, whatever happens to it next.
+        if changed is None:
+            sql, args = _UPDATE, _update_args(job)
+        else:
+            sql, args = _partial_update(tuple(changed), job)
         self._note_write(job)
-        await self._call(lambda conn: conn.execute(_UPDATE, args))
+        await self._call(lambda conn: conn.execute(sql, args))
 
     async def finish(self, job: Job) -> bool:
         args = _update_args(job)
@@ -395,6 +400,26 @@ def _update_args(job: Job) -> list[Any]:
     row.append(row[0])
     del row[0]
     return row
+
+
+@functools.lru_cache(maxsize=64)
+def _partial_statement(names: tuple[str, ...]) -> tuple[str, Callable[[Job], Any], tuple[int, ...]]:
+    """For an UPDATE of ``names``: its SQL, a getter of the values, the JSON ones."""
+    unknown = set(names) - set(COLUMNS[1:])
+    if unknown:
+        raise ValueError(f"not job columns: {sorted(unknown)}")
+    sql = f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in names)} WHERE id = ?"
+    getter = operator.attrgetter(*names, "id")
+    return sql, getter, tuple(i for i, name in enumerate(names) if name in JSON_COLUMNS)
+
+
+def _partial_update(names: tuple[str, ...], job: Job) -> tuple[str, list[Any]]:
+    """The UPDATE of the fields ``names`` of ``job``, and its parameters."""
+    sql, getter, json_at = _partial_statement(names)
+    args = list(getter(job))
+    for i in json_at:
+        args[i] = _encode(args[i])
+    return sql, args
 
 
 def _write(conn: sqlite3.Connection, job: Job) -> None:
