@@ -21,6 +21,7 @@ from typing import Any
 from .errors import Conflict, NotFound, QueueFull
 from .events import EventHub
 from .jobs import Registry, validate_options
+from .jsontext import make_encoder
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -38,9 +39,8 @@ from .store.base import Store, empty_counts
 log = logging.getLogger("rawjobs.queue")
 
 RETRYABLE = (FAILED, CANCELLED)
-_STRICT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
-"""What every client will parse: strict JSON (no NaN or Infinity). Built once:
-``json.dumps`` with options builds a new encoder per call."""
+_strict_json = make_encoder(ensure_ascii=False, allow_nan=False)
+"""What every client will parse: strict JSON (no NaN or Infinity, no cycles)."""
 TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
 ENDING_FIELDS = ("status", "progress", "result", "error", "completed_at", "terminal_seq")
 """What ending a job running here may change since its claim was written: the write
@@ -332,7 +332,7 @@ class JobQueue:
         if live is None:
             return
         try:  # what every client will parse: strict JSON, valid UTF-8
-            _STRICT_JSON.encode(result).encode("utf-8")
+            _strict_json(result).encode("utf-8")
         except (TypeError, ValueError):
             await self.fail(job_id, "Job result is not valid JSON (NaN, Infinity, lone "
                             "surrogates and non-JSON types are not allowed)", retry=False)

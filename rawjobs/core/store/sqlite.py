@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import operator
 import queue
@@ -25,6 +24,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
+from ..jsontext import decode, make_encoder
 from ..model import CANCELLED, FINISHED, PENDING, RUNNING, STARTING_PROGRESS, Job
 from .base import JOB_COLUMNS, JSON_COLUMNS, Store, empty_counts, interrupt_job
 
@@ -75,9 +75,9 @@ _CLAIM = ("UPDATE jobs SET status = 'running', started_at = ?, run_at = NULL,"
 _values = operator.attrgetter(*COLUMNS)
 _JSON_AT = tuple(COLUMNS.index(name) for name in JSON_COLUMNS)
 _STATUS_AT = COLUMNS.index("status")
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-"""JSON columns as stored: compact. One encoder for all (``json.dumps`` with options
-builds a new one per call)."""
+_encode = make_encoder(check_circular=False)
+"""JSON columns as stored: compact. What reaches the store is a tree (params and
+progress are built from JSON, results are checked by the queue)."""
 _STARTING = _encode(STARTING_PROGRESS)
 
 
@@ -94,7 +94,7 @@ def _from_row(row: tuple[Any, ...]) -> Job:
     values = list(row)
     for i in _JSON_AT:
         if values[i] is not None:
-            values[i] = json.loads(values[i])
+            values[i] = decode(values[i])
     return Job(*values)
 
 
@@ -327,7 +327,7 @@ class SQLiteStore(Store):
         return await self._call(op)
 
     async def save_progress(self, job_id: int, progress: dict[str, Any]) -> None:
-        text = json.dumps(progress, separators=(",", ":"))
+        text = _encode(progress)
         await self._call(lambda conn: conn.execute(
             "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", (text, job_id)
         ))
