@@ -181,6 +181,15 @@ async def test_concurrent_adds_get_distinct_ids(store):
     assert (await store.stats())[PENDING] == 200
 
 
+async def test_concurrent_adds_each_get_the_id_of_their_own_job(store):
+    results = await asyncio.gather(*(
+        store.add(new_job(params={"message": f"m{i}", "delay": 1 + i % 30}))
+        for i in range(300)))
+    for i, (job, _) in enumerate(results):
+        assert job.params == {"message": f"m{i}", "delay": 1 + i % 30}
+        assert (await store.get(job.id)).params == job.params
+
+
 async def test_ids_are_not_reused_after_clear_finished(store):
     jobs = [await add(store) for _ in range(3)]
     for job in jobs:
@@ -465,6 +474,18 @@ async def test_save_of_named_fields_writes_them(store):
                                "terminal_seq"))
     assert await store.get(job.id) == running
     assert (await store.stats())[COMPLETED] == 1
+
+
+async def test_saves_of_one_job_made_at_once_keep_the_last(store, single_node):
+    job = await add(store)
+    running = await store.claim(NOW)
+    saves = []
+    for percent in (10, 20, 30):
+        step = running.copy()
+        step.progress = {"percent": percent, "message": f"at {percent}"}
+        saves.append(store.save(step))
+    await asyncio.gather(*saves)
+    assert (await store.get(job.id)).progress == {"percent": 30, "message": "at 30"}
 
 
 async def test_save_failed_keeps_error(store):
@@ -956,5 +977,38 @@ async def test_sqlite_a_failing_call_in_a_batch_spares_the_others(tmp_path):
         assert (await after)[0].id == 2
         assert (await store.get(1)).error is None
         assert (await store.stats())[PENDING] == 2
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_batch_with_many_adds_and_saves(tmp_path):
+    """Adds and saves queued together share statements (a multi-row INSERT, one
+    UPDATE for many rows): each add gets its own job's id, and of two saves of one
+    job the later wins."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        first, _ = await store.add(new_job())
+        running = await store.claim(NOW)
+        gate = threading.Event()
+        blocker = store._call(lambda conn: gate.wait(5))
+        await asyncio.sleep(0.05)  # the store's thread is inside the blocker's batch
+        adds = [asyncio.ensure_future(store.add(new_job(params={"message": f"m{i}",
+                                                                   "delay": 1})))
+                for i in range(300)]
+        saves = []
+        for percent in (10, 20, 30):
+            step = running.copy()
+            step.progress = {"percent": percent, "message": f"at {percent}"}
+            saves.append(asyncio.ensure_future(store.save(step, ("progress",))))
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        added = [job for job, _ in await asyncio.gather(*adds)]
+        await asyncio.gather(*saves)
+        assert [job.id for job in added] == list(range(first.id + 1, first.id + 301))
+        for i, job in enumerate(added):
+            assert (await store.get(job.id)).params == {"message": f"m{i}", "delay": 1}
+        assert (await store.get(first.id)).progress == {"percent": 30, "message": "at 30"}
     finally:
         await store.close()

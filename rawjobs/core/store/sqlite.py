@@ -2,8 +2,9 @@
 
 Every call runs on one dedicated thread that owns the connection, so the event loop
 never waits on SQLite. The thread takes whatever calls are queued and runs them in
-one transaction (group commit), each inside its own savepoint, then resolves their
-futures: under load one commit serves many jobs.
+one transaction (group commit), then resolves their futures: under load one commit
+serves many jobs, and the inserts and updates of a batch share a few statements (see
+rawjobs.core.store.sqlite_batch).
 
 Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction is in the
 WAL file before the call returns, so it survives the process dying (``kill -9``) the
@@ -13,24 +14,17 @@ last WAL checkpoint (SQLite's documented trade-off for NORMAL in WAL mode).
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
 import operator
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import Any
 
 from ..jsontext import decode, make_encoder
 from ..model import CANCELLED, FINISHED, PENDING, RUNNING, STARTING_PROGRESS, Job
 from .base import JOB_COLUMNS, JSON_COLUMNS, Store, empty_counts, interrupt_job
-
-log = logging.getLogger("rawjobs.store")
-T = TypeVar("T")
-_BATCH = 1024
+from .sqlite_batch import BulkInsert, BulkUpdate, SQLiteThread
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,11 +61,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 COLUMNS = JOB_COLUMNS
 _FINISHED_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FINISHED)) + ")"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
-_INSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS[1:])}) "
-           f"VALUES ({', '.join('?' * (len(COLUMNS) - 1))})")
-_UPDATE = f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in COLUMNS[1:])} WHERE id = ?"
+_INSERT = BulkInsert("jobs", "id", COLUMNS[1:])
+_UPDATE = BulkUpdate("jobs", "id", COLUMNS[1:])
 _CLAIM = ("UPDATE jobs SET status = 'running', started_at = ?, run_at = NULL,"
-          " attempts = attempts + 1, progress = ? WHERE id = ?")
+          " attempts = attempts + 1, progress = ? WHERE id IN ({})")
 _values = operator.attrgetter(*COLUMNS)
 _JSON_AT = tuple(COLUMNS.index(name) for name in JSON_COLUMNS)
 _STATUS_AT = COLUMNS.index("status")
@@ -106,9 +99,7 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = SQLiteThread(self._connect, _checkpoint, "rawjobs-sqlite")
         # ``next_run_at`` without a round trip: this process makes every write, so
         # once a query found no delayed job, none exists until a write may add one.
         self._none_delayed = False
@@ -117,88 +108,22 @@ class SQLiteStore(Store):
     # -- the thread -------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._serve, args=(ready,), name="rawjobs-sqlite", daemon=True
-        )
-        self._thread.start()
-        await ready
+        await self._thread.start()
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._calls.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
+        await self._thread.stop()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               cached_statements=256)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
         return conn
 
-    def _serve(self, ready: asyncio.Future[None]) -> None:
-        assert self._loop is not None
-        try:
-            conn = self._connect()
-        except Exception as exc:  # reported to open()'s caller
-            self._loop.call_soon_threadsafe(_settle, ready, None, exc)
-            return
-        self._loop.call_soon_threadsafe(_settle, ready, None, None)
-        try:
-            while self._run_batch(conn):
-                pass
-        finally:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.close()
-
-    def _run_batch(self, conn: sqlite3.Connection) -> bool:
-        batch = [self._calls.get()]
-        while len(batch) < _BATCH:
-            try:
-                batch.append(self._calls.get_nowait())
-            except queue.Empty:
-                break
-        calls = [c for c in batch if c is not None]
-        results = self._execute(conn, calls)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(_settle_all, results)
-        return len(calls) == len(batch)
-
-    @staticmethod
-    def _execute(conn: sqlite3.Connection, calls: list[Any]) -> list[Any]:
-        """Run ``calls`` in one transaction. Each call's writes are all or nothing:
-        the batch runs straight through, and if a call raises, it is rolled back and
-        run again with each call in its own savepoint (a failure is rare; a savepoint
-        per call would cost two statements each time)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                results = [(future, fn(conn), None) for fn, future in calls]
-            except Exception:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                results = _each_in_savepoint(conn, calls)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.exception("SQLite transaction failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(future, None, exc) for _, future in calls]
-        return results
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._thread is None or self._loop is None:
-            raise RuntimeError("SQLiteStore is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._calls.put((fn, future))
-        return future
+    def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return self._thread.call(fn)
 
     # -- the interface ------------------------------------------------------------
 
@@ -208,13 +133,12 @@ class SQLiteStore(Store):
         self._note_write(job)
 
         def op(conn: sqlite3.Connection) -> tuple[Job, bool] | int:
-            if key is not None:
-                found = conn.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
-                if found is not None:
-                    return _from_row(found), False
-            return conn.execute(_INSERT, row).lastrowid
+            found = conn.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
+            if found is not None:
+                return _from_row(found), False
+            return _INSERT.run(conn, [row])[0]
 
-        done = await self._call(op)
+        done = await (self._thread.bulk(_INSERT, row) if key is None else self._call(op))
         if isinstance(done, tuple):
             return done
         stored = job.copy()
@@ -256,7 +180,9 @@ class SQLiteStore(Store):
                 " AND (run_at IS NULL OR run_at <= ?) ORDER BY priority DESC, id LIMIT ?",
                 (now, limit),
             ).fetchall()
-            conn.executemany(_CLAIM, [(now, _STARTING, row[0]) for row in rows])
+            ids = [row[0] for row in rows]
+            if ids:
+                conn.execute(_CLAIM.format(", ".join("?" * len(ids))), (now, _STARTING, *ids))
             return rows
 
         jobs = [_from_row(row) for row in await self._call(op)]
@@ -295,11 +221,11 @@ class SQLiteStore(Store):
     async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
         # The statement's parameters are the job as it is now, whatever happens to it next.
         if changed is None:
-            sql, args = _UPDATE, _update_args(job)
+            op, args = _UPDATE, _update_args(job)
         else:
-            sql, args = _partial_update(tuple(changed), job)
+            op, args = _partial_update(tuple(changed), job)
         self._note_write(job)
-        await self._call(lambda conn: conn.execute(sql, args))
+        await self._thread.bulk(op, args)
 
     async def finish(self, job: Job) -> bool:
         args = _update_args(job)
@@ -309,7 +235,7 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT status FROM jobs WHERE id = ?", (args[-1],)).fetchone()
             if row is None or row[0] != RUNNING:
                 return False
-            conn.execute(_UPDATE, args)
+            conn.execute(_UPDATE.single, args)
             return True
 
         return await self._call(op)
@@ -403,43 +329,34 @@ def _update_args(job: Job) -> list[Any]:
 
 
 @functools.lru_cache(maxsize=64)
-def _partial_statement(names: tuple[str, ...]) -> tuple[str, Callable[[Job], Any], tuple[int, ...]]:
-    """For an UPDATE of ``names``: its SQL, a getter of the values, the JSON ones."""
+def _partial_statement(names: tuple[str, ...]) -> tuple[BulkUpdate, Callable[[Job], Any],
+                                                      tuple[int, ...]]:
+    """For an UPDATE of ``names``: the operation, a getter of the values (then the
+    id), the positions of the JSON ones."""
     unknown = set(names) - set(COLUMNS[1:])
     if unknown:
         raise ValueError(f"not job columns: {sorted(unknown)}")
-    sql = f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in names)} WHERE id = ?"
     getter = operator.attrgetter(*names, "id")
-    return sql, getter, tuple(i for i, name in enumerate(names) if name in JSON_COLUMNS)
+    json_at = tuple(i for i, name in enumerate(names) if name in JSON_COLUMNS)
+    return BulkUpdate("jobs", "id", names), getter, json_at
 
 
-def _partial_update(names: tuple[str, ...], job: Job) -> tuple[str, list[Any]]:
+def _partial_update(names: tuple[str, ...], job: Job) -> tuple[BulkUpdate, list[Any]]:
     """The UPDATE of the fields ``names`` of ``job``, and its parameters."""
-    sql, getter, json_at = _partial_statement(names)
+    op, getter, json_at = _partial_statement(names)
     args = list(getter(job))
     for i in json_at:
         args[i] = _encode(args[i])
-    return sql, args
+    return op, args
 
 
 def _write(conn: sqlite3.Connection, job: Job) -> None:
-    conn.execute(_UPDATE, _update_args(job))
+    conn.execute(_UPDATE.single, _update_args(job))
 
 
-def _each_in_savepoint(conn: sqlite3.Connection, calls: list[Any]) -> list[Any]:
-    """Run ``calls``, each in its own savepoint: one that raises leaves nothing
-    written and gets its exception; the others are unaffected."""
-    results = []
-    for fn, future in calls:
-        conn.execute("SAVEPOINT op")
-        try:
-            results.append((future, fn(conn), None))
-            conn.execute("RELEASE op")
-        except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            results.append((future, None, exc))
-    return results
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """At close: move the WAL into the database file and truncate it."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _delete_counted(
@@ -448,18 +365,3 @@ def _delete_counted(
     rows = [(r[0], r[1]) for r in conn.execute(select, args)]
     conn.executemany("DELETE FROM jobs WHERE id = ?", [(r[0],) for r in rows])
     return rows
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-def _settle_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, exc in results:
-        _settle(future, result, exc)
-
