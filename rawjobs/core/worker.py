@@ -122,15 +122,19 @@ class Worker:
         self.queue.started(job)
         task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
-        # A callback, not a finally: a task cancelled before its first step never
-        # runs its body, but its callbacks always run.
-        task.add_done_callback(lambda _task, job_id=job.id: self._finished(job_id))
         self.hub.publish("worker_stats", self.stats())
 
     def _cancel_task(self, job_id: int) -> None:
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
+            # A task cancelled before its first step never runs its body, so its
+            # ``finally`` neither: its done callback frees the slot then.
+            task.add_done_callback(lambda done, job_id=job_id: self._task_done(job_id, done))
+
+    def _task_done(self, job_id: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(job_id) is task:  # the body did not run to its ``finally``
+            self._finished(job_id)
 
     def _finished(self, job_id: int) -> None:
         self._tasks.pop(job_id, None)
@@ -139,6 +143,14 @@ class Worker:
         self.wake()
 
     async def _run_job(self, job: Job) -> None:
+        """Run the job's handler and report how it ended; then free the slot (in
+        this task's last step, rather than a done callback one loop turn later)."""
+        try:
+            await self._run_handler(job)
+        finally:
+            self._finished(job.id)
+
+    async def _run_handler(self, job: Job) -> None:
         jt = self.registry.get(job.type)
         try:
             if jt is None:
