@@ -17,6 +17,9 @@ from ..model import (
 )
 from .base import Store, empty_counts, interrupt_job
 
+_OWN_DICTS = frozenset({"params", "progress"})
+"""Fields whose dict a stored job keeps a copy of (as ``Job.copy`` does)."""
+
 
 class MemoryStore(Store):
     """Jobs in a dict; a heap of runnable jobs ``(-priority, id)`` and a heap of
@@ -117,15 +120,25 @@ class MemoryStore(Store):
         current = self._jobs.get(job.id)
         if current is None:
             return
-        was_pending = current.status == PENDING
-        stored = job.copy()
-        self._jobs[job.id] = stored
-        if stored.status in FINISHED and current.status not in FINISHED:
+        was_status, was_due = current.status, (current.run_at, current.priority)
+        stored = self._store_fields(current, job, changed)
+        if stored.status in FINISHED and was_status not in FINISHED:
             self._note_finished(job)
         if stored.status == PENDING and (
-            not was_pending or (current.run_at, current.priority) != (stored.run_at, stored.priority)
+            was_status != PENDING or was_due != (stored.run_at, stored.priority)
         ):
             self._enqueue(stored)
+
+    def _store_fields(self, current: Job, job: Job, changed: Collection[str] | None) -> Job:
+        """Make the stored record hold ``job``'s fields (only ``changed`` ones, if
+        named); returns the record."""
+        if changed is None:
+            stored = self._jobs[job.id] = job.copy()
+            return stored
+        for name in changed:
+            value = getattr(job, name)
+            setattr(current, name, dict(value) if name in _OWN_DICTS else value)
+        return current
 
     async def finish(self, job: Job) -> bool:
         current = self._jobs.get(job.id)
