@@ -221,10 +221,12 @@ class JobType:
     max_attempts: int = 1
     default_options: JobOptions = field(init=False, repr=False, compare=False)
     """The options of a job created without any: this type's defaults."""
+    param_names: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "default_options", JobOptions(
             priority=self.priority, timeout=self.timeout, max_attempts=self.max_attempts))
+        object.__setattr__(self, "param_names", frozenset(p.name for p in self.params))
 
     def schema(self) -> dict[str, Any]:
         """The entry of ``GET /api/job-types`` (PROTOCOL.md), plus ``options``: this
@@ -245,7 +247,7 @@ class JobType:
             params = {}
         if not isinstance(params, dict):
             raise ValidationError("params must be a JSON object", param="params")
-        known = {p.name for p in self.params}
+        known = self.param_names
         for name in params:
             if name not in known:
                 raise ValidationError(
