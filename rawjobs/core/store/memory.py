@@ -91,6 +91,18 @@ class MemoryStore(Store):
                 heapq.heappush(self._ready, (-job.priority, job_id))
 
     async def claim(self, now: float) -> Job | None:
+        return self._claim_one(now)
+
+    async def claim_many(self, now: float, limit: int) -> list[Job]:
+        jobs = []
+        while len(jobs) < limit:
+            job = self._claim_one(now)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _claim_one(self, now: float) -> Job | None:
         self._promote_due(now)
         while self._ready:
             neg_priority, job_id = heapq.heappop(self._ready)
