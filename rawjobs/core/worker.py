@@ -146,33 +146,32 @@ class Worker:
         """Run the job's handler and report how it ended; then free the slot (in
         this task's last step, rather than a done callback one loop turn later)."""
         try:
-            await self._run_handler(job)
+            try:
+                result = await self._call_handler(job)
+            except asyncio.CancelledError:
+                if self.queue.is_live(job.id):  # not a job cancel: the worker is stopping
+                    raise
+                return
+            except TimeoutError:
+                await self.queue.fail(job.id, "timeout")
+            except Exception as exc:
+                log.exception("job %s (%s) failed", job.id, job.type)
+                await self.queue.fail(job.id, str(exc) or type(exc).__name__)
+            else:
+                await self.queue.complete(job.id, result)
         finally:
             self._finished(job.id)
 
-    async def _run_handler(self, job: Job) -> None:
+    def _call_handler(self, job: Job) -> Awaitable[Any]:
+        """The handler's run, to be awaited: on the loop or in the process pool, within
+        the job's timeout if it has one."""
         jt = self.registry.get(job.type)
-        try:
-            if jt is None:
-                raise LookupError(f"Unknown job type: {job.type}")
-            if job.timeout is None:
-                result = await self._call_handler(jt, job)
-            else:
-                async with asyncio.timeout(job.timeout):
-                    result = await self._call_handler(jt, job)
-        except asyncio.CancelledError:
-            if self.queue.is_live(job.id):  # not a job cancel: the worker is stopping
-                raise
-            return
-        except TimeoutError:
-            await self.queue.fail(job.id, "timeout")
-        except Exception as exc:
-            log.exception("job %s (%s) failed", job.id, job.type)
-            await self.queue.fail(job.id, str(exc) or type(exc).__name__)
-        else:
-            await self.queue.complete(job.id, result)
+        if jt is None:
+            raise LookupError(f"Unknown job type: {job.type}")
+        run = self._start_handler(jt, job)
+        return run if job.timeout is None else _within(job.timeout, run)
 
-    def _call_handler(self, jt: JobType, job: Job) -> Awaitable[Any]:
+    def _start_handler(self, jt: JobType, job: Job) -> Awaitable[Any]:
         """The handler's run, to be awaited: on the loop, or in the process pool."""
         def report(percent: int, message: str) -> None:
             self.queue.progress(job.id, percent, message)
@@ -180,3 +179,9 @@ class Worker:
         if jt.executor == "process":
             return self.pool.run(jt.handler, job.id, job.params, job.attempts, report)
         return jt.handler(JobContext(job.id, job.params, job.attempts, report))
+
+
+async def _within(seconds: float, run: Awaitable[Any]) -> Any:
+    """Await ``run``; TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        return await run
