@@ -61,10 +61,14 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 COLUMNS = JOB_COLUMNS
 _FINISHED_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FINISHED)) + ")"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
-_INSERT = BulkInsert("jobs", "id", COLUMNS[1:])
 _UPDATE = BulkUpdate("jobs", "id", COLUMNS[1:])
+_RUNNABLE = ("FROM jobs INDEXED BY jobs_pending WHERE status = 'pending'"
+             " AND (run_at IS NULL OR run_at <= ?) ORDER BY priority DESC, id LIMIT ?")
 _CLAIM = ("UPDATE jobs SET status = 'running', started_at = ?, run_at = NULL,"
-          " attempts = attempts + 1, progress = ? WHERE id IN ({})")
+          f" attempts = attempts + 1, progress = ? WHERE id IN (SELECT id {_RUNNABLE})")
+_NULLABLE = frozenset({"result", "error", "started_at", "completed_at", "run_at", "timeout",
+                       "idempotency_key", "fingerprint", "retry_of", "terminal_seq"})
+"""Columns without NOT NULL: an INSERT may leave them out to store NULL."""
 _values = operator.attrgetter(*COLUMNS)
 _JSON_AT = tuple(COLUMNS.index(name) for name in JSON_COLUMNS)
 _STATUS_AT = COLUMNS.index("status")
@@ -129,6 +133,8 @@ class SQLiteStore(Store):
 
     async def add(self, job: Job) -> tuple[Job, bool]:
         row = _to_row(job)[1:]
+        insert, pick = _insert_for(tuple(value is None for value in row))
+        values = pick(row)
         key = job.idempotency_key
         self._note_write(job)
 
@@ -136,9 +142,9 @@ class SQLiteStore(Store):
             found = conn.execute(f"{_SELECT} WHERE idempotency_key = ?", (key,)).fetchone()
             if found is not None:
                 return _from_row(found), False
-            return _INSERT.run(conn, [row])[0]
+            return insert.run(conn, [values])[0]
 
-        done = await (self._thread.bulk(_INSERT, row) if key is None else self._call(op))
+        done = await (self._thread.bulk(insert, values) if key is None else self._call(op))
         if isinstance(done, tuple):
             return done
         stored = job.copy()
@@ -175,14 +181,10 @@ class SQLiteStore(Store):
 
     async def claim_many(self, now: float, limit: int) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
-            rows = conn.execute(
-                f"{_SELECT} INDEXED BY jobs_pending WHERE status = 'pending'"
-                " AND (run_at IS NULL OR run_at <= ?) ORDER BY priority DESC, id LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            ids = [row[0] for row in rows]
-            if ids:
-                conn.execute(_CLAIM.format(", ".join("?" * len(ids))), (now, _STARTING, *ids))
+            rows = conn.execute(f"SELECT {', '.join(COLUMNS)} {_RUNNABLE}",
+                                (now, limit)).fetchall()
+            if rows:  # the same selection, in the same transaction: the same rows
+                conn.execute(_CLAIM, (now, _STARTING, now, limit))
             return rows
 
         jobs = [_from_row(row) for row in await self._call(op)]
@@ -348,6 +350,17 @@ def _partial_update(names: tuple[str, ...], job: Job) -> tuple[BulkUpdate, list[
     for i in json_at:
         args[i] = _encode(args[i])
     return op, args
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_for(nones: tuple[bool, ...]) -> tuple[BulkInsert, Callable[[Any], Any]]:
+    """The INSERT for a row whose values are None where ``nones`` says (in
+    ``COLUMNS[1:]`` order), and a getter of the values it binds: a nullable column
+    that is None is left out (binding None costs sqlite3 an adaptation lookup)."""
+    kept = [i for i, (name, none) in enumerate(zip(COLUMNS[1:], nones, strict=True))
+            if not (none and name in _NULLABLE)]
+    return (BulkInsert("jobs", "id", [COLUMNS[1 + i] for i in kept]),
+            operator.itemgetter(*kept))
 
 
 def _write(conn: sqlite3.Connection, job: Job) -> None:
