@@ -13,6 +13,9 @@ holds one async no-op job type. Each store is measured in two runs on a fresh st
   from the first add to the last completion (and the add, claim and finish rates
   over that same wall time).
 
+``--gc server`` runs with the garbage-collector settings the server process uses
+(``rawjobs.app.tune_gc``); the default keeps Python's.
+
 Each run also reports the CPU time per job (``time.process_time``, every thread of
 the process, so the SQLite thread too), in microseconds: steadier than wall-clock
 rates on a machine shared with other work.
@@ -257,19 +260,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each kind per store, each on a fresh store "
                              "(default %(default)s)")
+    parser.add_argument("--gc", choices=("python", "server"), default="python",
+                        help="garbage-collector settings: Python's defaults, or those "
+                             "of the server process, rawjobs.app.tune_gc (default "
+                             "%(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the results as JSON to FILE (or stdout)")
     args = parser.parse_args(argv)
     stores = [(name, n) for name, n in (("memory", args.memory_jobs),
                                         ("sqlite", args.sqlite_jobs)) if n > 0]
+    if args.gc == "server":
+        from rawjobs.app import tune_gc
+
+        tune_gc()
     results = asyncio.run(measure(stores, args.batch, args.concurrency, args.timeout,
                                   args.runs, args.repeat))
     print(f"queue throughput, in process, no-op async job type, concurrency "
-          f"{args.concurrency}, {args.batch} adds in flight "
+          f"{args.concurrency}, {args.batch} adds in flight, {args.gc} GC settings "
           f"(Python {platform.python_version()}, {platform.machine()})")
     print(table(results))
     if args.json:
-        doc = {"concurrency": args.concurrency, "batch": args.batch,
+        doc = {"concurrency": args.concurrency, "batch": args.batch, "gc": args.gc,
                "python": platform.python_version(), "results": [asdict(r) for r in results]}
         text = json.dumps(doc, indent=2)
         if args.json == "-":
