@@ -168,7 +168,7 @@ class SQLiteThread:
 
     def _queue(self, what: Any, op: BulkOp | None) -> asyncio.Future[Any]:
         if self._thread is None or self._loop is None:
-            raise RuntimeError("SQLite store is not open")
+            raise RuntimeError("SQLiteStore is not open")
         future = self._loop.create_future()
         self._calls.put((what, op, future))
         return future
