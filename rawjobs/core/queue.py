@@ -296,11 +296,13 @@ class JobQueue:
         """Take up to ``limit`` runnable jobs and mark them running here; the worker
         calls ``started`` for each as it launches it."""
         jobs = await self.store.claim_many(time.time(), limit)
+        live, recent = self._live, self._recent
         for job in jobs:
-            self._live[job.id] = job
-            self._move(PENDING, RUNNING)
-            if job.id in self._recent:
-                self._recent[job.id] = job
+            live[job.id] = job
+            if job.id in recent:
+                recent[job.id] = job
+        self._counts[PENDING] -= len(jobs)
+        self._counts[RUNNING] += len(jobs)
         return jobs
 
     def started(self, job: Job) -> None:
