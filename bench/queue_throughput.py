@@ -13,8 +13,16 @@ holds one async no-op job type. Each store is measured in two runs on a fresh st
   from the first add to the last completion (and the add, claim and finish rates
   over that same wall time).
 
+``--gc server`` runs with the garbage-collector settings the server process uses
+(``rawjobs.app.tune_gc``); the default keeps Python's.
+
+Each run also reports the CPU time per job (``time.process_time``, every thread of
+the process, so the SQLite thread too), in microseconds: steadier than wall-clock
+rates on a machine shared with other work.
+
     python bench/queue_throughput.py                     # 20,000 memory / 10,000 SQLite
     python bench/queue_throughput.py --memory-jobs 5000 --sqlite-jobs 2000 --json out.json
+    python bench/queue_throughput.py --runs mixed --repeat 5     # the figure of issue 6
 
 Figures depend on the machine and its load; compare runs on one machine.
 """
@@ -126,10 +134,16 @@ class Result:
     claimed_per_s: float | None
     finished_per_s: float | None
     jobs_per_s: float | None
+    cpu_us_per_job: float | None = None
 
 
 def rate(n: int, seconds: float | None) -> float | None:
     return round(n / seconds) if seconds else None
+
+
+def cpu_per_job(n: int, cpu_s: float) -> float:
+    """Microseconds of CPU (all threads) per job."""
+    return round(cpu_s / n * 1e6, 1)
 
 
 async def run_add_then_drain(name: str, store: Store, n: int, batch: int,
@@ -138,22 +152,26 @@ async def run_add_then_drain(name: str, store: Store, n: int, batch: int,
     await core.start()
     try:
         gc.collect()
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         ids = await add_all(core.queue, n, batch)
         t_added = time.perf_counter()
+        cpu_added = time.process_time()
         assert len(set(ids)) == n, "duplicate ids"
         core.worker.start()
         t_drain = time.perf_counter()
         await asyncio.wait_for(core.counter.done.wait(), timeout)
+        cpu_drained = time.process_time()
         c = core.counter
         assert c.failed == 0, f"{c.failed} jobs did not complete"
         claim_s = (c.last_start or t_drain) - t_drain
         finish_s = (c.last_finish or t_drain) - t_drain
         return [
             Result(name, "add", n, round(t_added - t0, 3), rate(n, t_added - t0),
-                   None, None, None),
+                   None, None, None, cpu_per_job(n, cpu_added - cpu0)),
             Result(name, "drain", n, round(finish_s, 3), None, rate(c.started, claim_s),
-                   rate(c.finished, finish_s), rate(n, finish_s)),
+                   rate(c.finished, finish_s), rate(n, finish_s),
+                   cpu_per_job(n, cpu_drained - cpu_added)),
         ]
     finally:
         await core.stop()
@@ -166,17 +184,19 @@ async def run_mixed(name: str, store: Store, n: int, batch: int, concurrency: in
     try:
         core.worker.start()
         gc.collect()
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         ids = await add_all(core.queue, n, batch)
         t_added = time.perf_counter()
         assert len(set(ids)) == n, "duplicate ids"
         await asyncio.wait_for(core.counter.done.wait(), timeout)
+        cpu = time.process_time() - cpu0
         c = core.counter
         assert c.failed == 0, f"{c.failed} jobs did not complete"
         wall = (c.last_finish or t0) - t0
         return Result(name, "mixed", n, round(wall, 3), rate(n, t_added - t0),
                       rate(c.started, (c.last_start or t0) - t0), rate(c.finished, wall),
-                      rate(n, wall))
+                      rate(n, wall), cpu_per_job(n, cpu))
     finally:
         await core.stop()
 
@@ -188,15 +208,18 @@ def make(name: str, workdir: Path, tag: str) -> Store:
 
 
 async def measure(stores: list[tuple[str, int]], batch: int, concurrency: int,
-                  timeout: float) -> list[Result]:
+                  timeout: float, runs: str = "both", repeat: int = 1) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="rawjobs-bench-") as tmp:
         workdir = Path(tmp)
         for name, n in stores:
-            results += await run_add_then_drain(name, make(name, workdir, "drain"), n, batch,
-                                                concurrency, timeout)
-            results.append(await run_mixed(name, make(name, workdir, "mixed"), n, batch,
-                                           concurrency, timeout))
+            for i in range(repeat):
+                if runs in ("both", "drain"):
+                    results += await run_add_then_drain(
+                        name, make(name, workdir, f"drain{i}"), n, batch, concurrency, timeout)
+                if runs in ("both", "mixed"):
+                    results.append(await run_mixed(name, make(name, workdir, f"mixed{i}"), n,
+                                                   batch, concurrency, timeout))
     return results
 
 
@@ -205,9 +228,10 @@ def table(results: list[Result]) -> str:
         return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
     header = ["store", "run", "jobs", "wall s", "added/s", "claimed/s", "finished/s",
-              "jobs/s"]
+              "jobs/s", "cpu µs/job"]
     rows = [[r.store, r.run, cell(r.jobs), f"{r.wall_s:.2f}", cell(r.added_per_s),
-             cell(r.claimed_per_s), cell(r.finished_per_s), cell(r.jobs_per_s)]
+             cell(r.claimed_per_s), cell(r.finished_per_s), cell(r.jobs_per_s),
+             cell(r.cpu_us_per_job)]
             for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w)
@@ -231,18 +255,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="adds in flight at once (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds allowed for one run to finish (default %(default)s)")
+    parser.add_argument("--runs", choices=("both", "drain", "mixed"), default="both",
+                        help="which runs: add then drain, mixed, or both (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each kind per store, each on a fresh store "
+                             "(default %(default)s)")
+    parser.add_argument("--gc", choices=("python", "server"), default="python",
+                        help="garbage-collector settings: Python's defaults, or those "
+                             "of the server process, rawjobs.app.tune_gc (default "
+                             "%(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also write the results as JSON to FILE (or stdout)")
     args = parser.parse_args(argv)
     stores = [(name, n) for name, n in (("memory", args.memory_jobs),
                                         ("sqlite", args.sqlite_jobs)) if n > 0]
-    results = asyncio.run(measure(stores, args.batch, args.concurrency, args.timeout))
+    if args.gc == "server":
+        from rawjobs.app import tune_gc
+
+        tune_gc()
+    results = asyncio.run(measure(stores, args.batch, args.concurrency, args.timeout,
+                                  args.runs, args.repeat))
     print(f"queue throughput, in process, no-op async job type, concurrency "
-          f"{args.concurrency}, {args.batch} adds in flight "
+          f"{args.concurrency}, {args.batch} adds in flight, {args.gc} GC settings "
           f"(Python {platform.python_version()}, {platform.machine()})")
     print(table(results))
     if args.json:
-        doc = {"concurrency": args.concurrency, "batch": args.batch,
+        doc = {"concurrency": args.concurrency, "batch": args.batch, "gc": args.gc,
                "python": platform.python_version(), "results": [asdict(r) for r in results]}
         text = json.dumps(doc, indent=2)
         if args.json == "-":

@@ -11,6 +11,7 @@ durable backends are reopened.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +179,15 @@ async def test_concurrent_adds_get_distinct_ids(store):
     assert all(created for _, created in results)
     assert got == list(range(1, 201))
     assert (await store.stats())[PENDING] == 200
+
+
+async def test_concurrent_adds_each_get_the_id_of_their_own_job(store):
+    results = await asyncio.gather(*(
+        store.add(new_job(params={"message": f"m{i}", "delay": 1 + i % 30}))
+        for i in range(300)))
+    for i, (job, _) in enumerate(results):
+        assert job.params == {"message": f"m{i}", "delay": 1 + i % 30}
+        assert (await store.get(job.id)).params == job.params
 
 
 async def test_ids_are_not_reused_after_clear_finished(store):
@@ -429,6 +439,7 @@ async def test_next_run_at(store):
 async def test_next_run_at_follows_a_saved_run_at(store):
     job = await add(store)
     running = await store.claim(NOW)
+    assert await store.next_run_at() is None
     running.status, running.run_at = PENDING, NOW + 7
     await store.save(running)
     assert await store.next_run_at() == NOW + 7
@@ -451,6 +462,30 @@ async def test_save_writes_every_field(store):
     stored = await store.get(job.id)
     assert stored == running
     assert (await store.stats())[COMPLETED] == 1
+
+
+async def test_save_of_named_fields_writes_them(store):
+    job = await add(store)
+    running = await store.claim(NOW)
+    running.status, running.result, running.error = COMPLETED, {"n": [1, "ü"]}, None
+    running.progress = {"percent": 100, "message": "Complete"}
+    running.completed_at, running.terminal_seq = NOW + 2, 7
+    await store.save(running, ("status", "progress", "result", "error", "completed_at",
+                               "terminal_seq"))
+    assert await store.get(job.id) == running
+    assert (await store.stats())[COMPLETED] == 1
+
+
+async def test_saves_of_one_job_made_at_once_keep_the_last(store, single_node):
+    job = await add(store)
+    running = await store.claim(NOW)
+    saves = []
+    for percent in (10, 20, 30):
+        step = running.copy()
+        step.progress = {"percent": percent, "message": f"at {percent}"}
+        saves.append(store.save(step))
+    await asyncio.gather(*saves)
+    assert (await store.get(job.id)).progress == {"percent": 30, "message": "at 30"}
 
 
 async def test_save_failed_keeps_error(store):
@@ -911,3 +946,69 @@ async def test_reserve_seq_survives_reopen(store, reopen):
     high = await fresh.reserve_seq(10, 10**9)
     again = await reopen()
     assert await again.reserve_seq(10, 1) >= high + 10
+
+
+# -- SQLite: group commit ------------------------------------------------------------------
+
+
+async def test_sqlite_a_failing_call_in_a_batch_spares_the_others(tmp_path):
+    """Calls queued together run in one transaction; one that raises after writing
+    leaves nothing written, and the calls before and after it are committed."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        def write_then_fail(conn):
+            conn.execute("UPDATE jobs SET error = 'half done' WHERE id = 1")
+            raise RuntimeError("boom")
+
+        gate = threading.Event()
+        blocker = store._call(lambda conn: gate.wait(5))
+        await asyncio.sleep(0.05)  # the store's thread is inside the blocker's batch
+        before = asyncio.ensure_future(store.add(new_job()))
+        await asyncio.sleep(0)
+        failing = store._call(write_then_fail)
+        after = asyncio.ensure_future(store.add(new_job()))
+        await asyncio.sleep(0)
+        gate.set()  # everything above now runs as one batch
+        await blocker
+        assert (await before)[0].id == 1
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing
+        assert (await after)[0].id == 2
+        assert (await store.get(1)).error is None
+        assert (await store.stats())[PENDING] == 2
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_batch_with_many_adds_and_saves(tmp_path):
+    """Adds and saves queued together share statements (a multi-row INSERT, one
+    UPDATE for many rows): each add gets its own job's id, and of two saves of one
+    job the later wins."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        first, _ = await store.add(new_job())
+        running = await store.claim(NOW)
+        gate = threading.Event()
+        blocker = store._call(lambda conn: gate.wait(5))
+        await asyncio.sleep(0.05)  # the store's thread is inside the blocker's batch
+        adds = [asyncio.ensure_future(store.add(new_job(params={"message": f"m{i}",
+                                                                   "delay": 1})))
+                for i in range(300)]
+        saves = []
+        for percent in (10, 20, 30):
+            step = running.copy()
+            step.progress = {"percent": percent, "message": f"at {percent}"}
+            saves.append(asyncio.ensure_future(store.save(step, ("progress",))))
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        added = [job for job, _ in await asyncio.gather(*adds)]
+        await asyncio.gather(*saves)
+        assert [job.id for job in added] == list(range(first.id + 1, first.id + 301))
+        for i, job in enumerate(added):
+            assert (await store.get(job.id)).params == {"message": f"m{i}", "delay": 1}
+        assert (await store.get(first.id)).progress == {"percent": 30, "message": "at 30"}
+    finally:
+        await store.close()

@@ -33,6 +33,10 @@ RESYNC = "resync"
 clients should be given fresh state. Never sent to clients as such."""
 
 
+_new_tuple = tuple.__new__  # Event(...) without the Python-level __new__ of NamedTuple
+_UNLIMITED = 1 << 62
+
+
 class EventHub:
     """Assigns ``seq`` and calls every subscriber synchronously, in subscription order.
 
@@ -44,16 +48,23 @@ class EventHub:
         self._reserve = reserve
         self._block = block
         self._next = 1
-        self._limit = 1 << 62 if reserve is None else 1
+        self._limit = _UNLIMITED if reserve is None else 1
+        self._refill_at = self._limit  # taking this number asks the store for more
         self._refill: asyncio.Task[None] | None = None
         self._subscribers: dict[int, Subscriber] = {}
+        self._calls: tuple[Subscriber, ...] = ()  # the subscribers, as publish iterates
         self._token = 0
 
     async def start(self) -> None:
         """Reserve the first block of sequence numbers (store restarts continue)."""
         if self._reserve is not None:
             first = await self._reserve(self._block, 1)
-            self._next, self._limit = first, first + self._block
+            self._next = first
+            self._set_limit(first + self._block)
+
+    def _set_limit(self, limit: int) -> None:
+        self._limit = limit
+        self._refill_at = limit if self._reserve is None else limit - self._block // 2
 
     @property
     def seq(self) -> int:
@@ -65,27 +76,36 @@ class EventHub:
         self._token += 1
         token = self._token
         self._subscribers[token] = subscriber
-        return lambda: self._subscribers.pop(token, None)
+        self._calls = tuple(self._subscribers.values())
+        return lambda: self._unsubscribe(token)
+
+    def _unsubscribe(self, token: int) -> None:
+        if self._subscribers.pop(token, None) is not None:
+            self._calls = tuple(self._subscribers.values())
 
     def publish(self, type_: str, data: dict[str, Any]) -> Event:
-        """Number the event, hand it to every subscriber, return it."""
-        event = Event(self._take(), type_, data)
-        for subscriber in list(self._subscribers.values()):
+        """Number the event, hand it to every subscriber, return it. The subscribers
+        are those at the start of the call (one who leaves meanwhile still gets it)."""
+        seq = self._next
+        self._next = seq + 1
+        if self._next > self._refill_at:
+            self._low_on_numbers()
+        event = _new_tuple(Event, (seq, type_, data))
+        for subscriber in self._calls:
             try:
                 subscriber(event)
             except Exception:
                 log.exception("event subscriber failed on %s", type_)
         return event
 
-    def _take(self) -> int:
-        seq = self._next
-        self._next += 1
-        if self._reserve is not None and self._limit - self._next < self._block // 2:
-            self._start_refill()
-            if self._next > self._limit:
-                log.warning("seq block exhausted before refill; continuing in memory")
-                self._limit = self._next
-        return seq
+    def _low_on_numbers(self) -> None:
+        """Half the reserved block is used: reserve the next one in the background."""
+        if self._reserve is None:
+            return
+        self._start_refill()
+        if self._next > self._limit:
+            log.warning("seq block exhausted before refill; continuing in memory")
+            self._set_limit(self._next)
 
     def _start_refill(self) -> None:
         if self._refill is not None and not self._refill.done():
@@ -98,4 +118,4 @@ class EventHub:
         first = await self._reserve(self._block, asked_from)
         if first != asked_from:  # the store skipped ahead: numbering jumps with it
             self._next = max(self._next, first)
-        self._limit = first + self._block
+        self._set_limit(first + self._block)

@@ -219,6 +219,14 @@ class JobType:
     priority: int = 0
     timeout: float | None = None
     max_attempts: int = 1
+    default_options: JobOptions = field(init=False, repr=False, compare=False)
+    """The options of a job created without any: this type's defaults."""
+    param_names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_options", JobOptions(
+            priority=self.priority, timeout=self.timeout, max_attempts=self.max_attempts))
+        object.__setattr__(self, "param_names", frozenset(p.name for p in self.params))
 
     def schema(self) -> dict[str, Any]:
         """The entry of ``GET /api/job-types`` (PROTOCOL.md), plus ``options``: this
@@ -239,7 +247,7 @@ class JobType:
             params = {}
         if not isinstance(params, dict):
             raise ValidationError("params must be a JSON object", param="params")
-        known = {p.name for p in self.params}
+        known = self.param_names
         for name in params:
             if name not in known:
                 raise ValidationError(
@@ -370,6 +378,7 @@ def make_job_type(
     )
 
 
+_NO_OPTIONS = JobOptions()
 OPTION_NAMES = ("priority", "delay", "run_at", "timeout", "max_attempts", "idempotency_key")
 _MAX_DELAY = 365 * 86400.0
 
@@ -400,6 +409,8 @@ def validate_options(
     """Job options from a request body (issue 4). Missing options take the job type's
     defaults. ``delay`` (seconds) and ``run_at`` (Unix seconds) are exclusive.
     Raises ValidationError naming the option."""
+    if not data:  # nothing asked: the defaults, built once (JobOptions is frozen)
+        return jt.default_options if jt is not None else _NO_OPTIONS
     priority = _option_int(data, "priority", -1_000_000, 1_000_000)
     delay = _option_number(data, "delay", 0, _MAX_DELAY)
     run_at = _option_number(data, "run_at", 0, 1e11)

@@ -21,13 +21,13 @@ from typing import Any
 from .errors import Conflict, NotFound, QueueFull
 from .events import EventHub
 from .jobs import Registry, validate_options
+from .jsontext import make_encoder
 from .model import (
     CANCELLED,
     COMPLETED,
     COMPLETED_PROGRESS,
     FAILED,
     FINAL_PROGRESS_EVENT,
-    FINISHED,
     PENDING,
     QUEUED_PROGRESS,
     RUNNING,
@@ -39,7 +39,12 @@ from .store.base import Store, empty_counts
 log = logging.getLogger("rawjobs.queue")
 
 RETRYABLE = (FAILED, CANCELLED)
+_strict_json = make_encoder(ensure_ascii=False, allow_nan=False)
+"""What every client will parse: strict JSON (no NaN or Infinity, no cycles)."""
 TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
+ENDING_FIELDS = ("status", "progress", "result", "error", "completed_at", "terminal_seq")
+"""What ending a job running here may change since its claim was written: the write
+at the end of a run saves these alone."""
 TERMINAL_MEMORY = 10_000
 
 
@@ -291,11 +296,13 @@ class JobQueue:
         """Take up to ``limit`` runnable jobs and mark them running here; the worker
         calls ``started`` for each as it launches it."""
         jobs = await self.store.claim_many(time.time(), limit)
+        live, recent = self._live, self._recent
         for job in jobs:
-            self._live[job.id] = job
-            self._move(PENDING, RUNNING)
-            if job.id in self._recent:
-                self._recent[job.id] = job
+            live[job.id] = job
+            if job.id in recent:
+                recent[job.id] = job
+        self._counts[PENDING] -= len(jobs)
+        self._counts[RUNNING] += len(jobs)
         return jobs
 
     def started(self, job: Job) -> None:
@@ -327,7 +334,7 @@ class JobQueue:
         if live is None:
             return
         try:  # what every client will parse: strict JSON, valid UTF-8
-            json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            _strict_json(result).encode("utf-8")
         except (TypeError, ValueError):
             await self.fail(job_id, "Job result is not valid JSON (NaN, Infinity, lone "
                             "surrogates and non-JSON types are not allowed)", retry=False)
@@ -385,7 +392,7 @@ class JobQueue:
         self._move(RUNNING, live.status)
         self._finish(live, event_type, data)
         if not self.shared:
-            await self.store.save(live)
+            await self.store.save(live, ENDING_FIELDS)
 
     def _take_live(self, job_id: int) -> None:
         self._live.pop(job_id, None)
@@ -400,7 +407,9 @@ class JobQueue:
             self._recent[job.id] = job
         if self.shared:  # the cluster prunes by the database's count
             return
-        excess = sum(self._counts[s] for s in FINISHED) - self._pruning - self.keep_finished
+        counts = self._counts
+        finished = counts[COMPLETED] + counts[FAILED] + counts[CANCELLED]
+        excess = finished - self._pruning - self.keep_finished
         if excess > 0:
             self._pruning += excess
             self._spawn(self._prune(excess))

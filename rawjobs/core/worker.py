@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from .events import EventHub
@@ -84,12 +85,7 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             try:
-                while len(self._tasks) < self.capacity and not self._stopping:
-                    jobs = await self.queue.claim(self.capacity - len(self._tasks))
-                    for job in jobs:
-                        self._launch(job)
-                    if not jobs:
-                        break
+                await self._fill()
                 timeout = await self._idle_timeout()
             except Exception:
                 log.exception("claiming a job failed; retrying in 1 s")
@@ -100,6 +96,20 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _fill(self) -> None:
+        """Claim and launch jobs until every slot is taken or none is runnable. A
+        claim that returns fewer jobs than asked means none was left at that moment;
+        work added since has set ``_wake``, so the loop comes back for it."""
+        while not self._stopping:
+            free = self.capacity - len(self._tasks)
+            if free <= 0:
+                return
+            jobs = await self.queue.claim(free)
+            for job in jobs:
+                self._launch(job)
+            if len(jobs) < free:
+                return
 
     async def _idle_timeout(self) -> float | None:
         """Seconds until the earliest delayed job is due (None: wait for a wake-up)."""
@@ -112,15 +122,19 @@ class Worker:
         self.queue.started(job)
         task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
-        # A callback, not a finally: a task cancelled before its first step never
-        # runs its body, but its callbacks always run.
-        task.add_done_callback(lambda _task, job_id=job.id: self._finished(job_id))
         self.hub.publish("worker_stats", self.stats())
 
     def _cancel_task(self, job_id: int) -> None:
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
+            # A task cancelled before its first step never runs its body, so its
+            # ``finally`` neither: its done callback frees the slot then.
+            task.add_done_callback(lambda done, job_id=job_id: self._task_done(job_id, done))
+
+    def _task_done(self, job_id: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(job_id) is task:  # the body did not run to its ``finally``
+            self._finished(job_id)
 
     def _finished(self, job_id: int) -> None:
         self._tasks.pop(job_id, None)
@@ -129,29 +143,45 @@ class Worker:
         self.wake()
 
     async def _run_job(self, job: Job) -> None:
-        jt = self.registry.get(job.type)
+        """Run the job's handler and report how it ended; then free the slot (in
+        this task's last step, rather than a done callback one loop turn later)."""
         try:
-            if jt is None:
-                raise LookupError(f"Unknown job type: {job.type}")
-            async with asyncio.timeout(job.timeout):
-                result = await self._call_handler(jt, job)
-        except asyncio.CancelledError:
-            if self.queue.is_live(job.id):  # not a job cancel: the worker is stopping
-                raise
-            return
-        except TimeoutError:
-            await self.queue.fail(job.id, "timeout")
-        except Exception as exc:
-            log.exception("job %s (%s) failed", job.id, job.type)
-            await self.queue.fail(job.id, str(exc) or type(exc).__name__)
-        else:
-            await self.queue.complete(job.id, result)
+            try:
+                result = await self._call_handler(job)
+            except asyncio.CancelledError:
+                if self.queue.is_live(job.id):  # not a job cancel: the worker is stopping
+                    raise
+                return
+            except TimeoutError:
+                await self.queue.fail(job.id, "timeout")
+            except Exception as exc:
+                log.exception("job %s (%s) failed", job.id, job.type)
+                await self.queue.fail(job.id, str(exc) or type(exc).__name__)
+            else:
+                await self.queue.complete(job.id, result)
+        finally:
+            self._finished(job.id)
 
-    async def _call_handler(self, jt: JobType, job: Job) -> Any:
+    def _call_handler(self, job: Job) -> Awaitable[Any]:
+        """The handler's run, to be awaited: on the loop or in the process pool, within
+        the job's timeout if it has one."""
+        jt = self.registry.get(job.type)
+        if jt is None:
+            raise LookupError(f"Unknown job type: {job.type}")
+        run = self._start_handler(jt, job)
+        return run if job.timeout is None else _within(job.timeout, run)
+
+    def _start_handler(self, jt: JobType, job: Job) -> Awaitable[Any]:
+        """The handler's run, to be awaited: on the loop, or in the process pool."""
         def report(percent: int, message: str) -> None:
             self.queue.progress(job.id, percent, message)
 
         if jt.executor == "process":
-            return await self.pool.run(jt.handler, job.id, job.params, job.attempts, report)
-        ctx = JobContext(job.id, job.params, job.attempts, report)
-        return await jt.handler(ctx)
+            return self.pool.run(jt.handler, job.id, job.params, job.attempts, report)
+        return jt.handler(JobContext(job.id, job.params, job.attempts, report))
+
+
+async def _within(seconds: float, run: Awaitable[Any]) -> Any:
+    """Await ``run``; TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        return await run

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..model import FAILED, PENDING, QUEUED_PROGRESS, STATUSES, Job
@@ -79,8 +79,10 @@ class Store(abc.ABC):
         """The earliest ``run_at`` among pending jobs that are not yet runnable."""
 
     @abc.abstractmethod
-    async def save(self, job: Job) -> None:
-        """Write every field of an existing job (a transition decided by the queue)."""
+    async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
+        """Write an existing job (a transition decided by the queue): every field, or,
+        when ``changed`` names fields, at least those (the caller vouches that the
+        others are as last written, so a backend may skip them)."""
 
     @abc.abstractmethod
     async def finish(self, job: Job) -> bool:

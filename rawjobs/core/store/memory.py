@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Collection
 from typing import Any
 
 from ..model import (
@@ -15,6 +16,9 @@ from ..model import (
     Job,
 )
 from .base import Store, empty_counts, interrupt_job
+
+_OWN_DICTS = frozenset({"params", "progress"})
+"""Fields whose dict a stored job keeps a copy of (as ``Job.copy`` does)."""
 
 
 class MemoryStore(Store):
@@ -87,6 +91,18 @@ class MemoryStore(Store):
                 heapq.heappush(self._ready, (-job.priority, job_id))
 
     async def claim(self, now: float) -> Job | None:
+        return self._claim_one(now)
+
+    async def claim_many(self, now: float, limit: int) -> list[Job]:
+        jobs = []
+        while len(jobs) < limit:
+            job = self._claim_one(now)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _claim_one(self, now: float) -> Job | None:
         self._promote_due(now)
         while self._ready:
             neg_priority, job_id = heapq.heappop(self._ready)
@@ -112,19 +128,29 @@ class MemoryStore(Store):
             heapq.heappop(self._delayed)
         return None
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
         current = self._jobs.get(job.id)
         if current is None:
             return
-        was_pending = current.status == PENDING
-        stored = job.copy()
-        self._jobs[job.id] = stored
-        if stored.status in FINISHED and current.status not in FINISHED:
+        was_status, was_due = current.status, (current.run_at, current.priority)
+        stored = self._store_fields(current, job, changed)
+        if stored.status in FINISHED and was_status not in FINISHED:
             self._note_finished(job)
         if stored.status == PENDING and (
-            not was_pending or (current.run_at, current.priority) != (stored.run_at, stored.priority)
+            was_status != PENDING or was_due != (stored.run_at, stored.priority)
         ):
             self._enqueue(stored)
+
+    def _store_fields(self, current: Job, job: Job, changed: Collection[str] | None) -> Job:
+        """Make the stored record hold ``job``'s fields (only ``changed`` ones, if
+        named); returns the record."""
+        if changed is None:
+            stored = self._jobs[job.id] = job.copy()
+            return stored
+        for name in changed:
+            value = getattr(job, name)
+            setattr(current, name, dict(value) if name in _OWN_DICTS else value)
+        return current
 
     async def finish(self, job: Job) -> bool:
         current = self._jobs.get(job.id)

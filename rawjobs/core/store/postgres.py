@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..model import FAILED, FINISHED, PENDING, QUEUED_PROGRESS, STARTING_PROGRESS, Job
@@ -193,7 +193,7 @@ class PostgresStore(SharedStore):
         return await self.pool.fetchval(
             "SELECT MIN(run_at) FROM rawjobs_jobs WHERE status = 'pending' AND run_at IS NOT NULL")
 
-    async def save(self, job: Job) -> None:
+    async def save(self, job: Job, changed: Collection[str] | None = None) -> None:
         await self.pool.execute(f"UPDATE rawjobs_jobs SET {_SET_ALL} WHERE id = $1",
                                 job.id, *_args(job))
 
