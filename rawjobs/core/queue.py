@@ -21,7 +21,6 @@ from typing import Any
 from .errors import Conflict, NotFound, QueueFull
 from .events import EventHub
 from .jobs import Registry, validate_options
-from .jsontext import make_encoder
 from .model import (
     CANCELLED,
     COMPLETED,
@@ -39,7 +38,7 @@ from .store.base import Store, empty_counts
 log = logging.getLogger("rawjobs.queue")
 
 RETRYABLE = (FAILED, CANCELLED)
-_strict_json = make_encoder(ensure_ascii=False, allow_nan=False)
+_strict_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 """What every client will parse: strict JSON (no NaN or Infinity, no cycles)."""
 TERMINAL_EVENTS = frozenset({"job_completed", "job_failed", "job_cancelled"})
 ENDING_FIELDS = ("status", "progress", "result", "error", "completed_at", "terminal_seq")

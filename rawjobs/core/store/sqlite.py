@@ -15,13 +15,13 @@ last WAL checkpoint (SQLite's documented trade-off for NORMAL in WAL mode).
 from __future__ import annotations
 
 import functools
+import json
 import operator
 import sqlite3
 import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from ..jsontext import decode, make_encoder
 from ..model import CANCELLED, FINISHED, PENDING, RUNNING, STARTING_PROGRESS, Job
 from .base import JOB_COLUMNS, JSON_COLUMNS, Store, empty_counts, interrupt_job
 from .sqlite_batch import BulkInsert, BulkUpdate, SQLiteThread
@@ -72,7 +72,8 @@ _NULLABLE = frozenset({"result", "error", "started_at", "completed_at", "run_at"
 _values = operator.attrgetter(*COLUMNS)
 _JSON_AT = tuple(COLUMNS.index(name) for name in JSON_COLUMNS)
 _STATUS_AT = COLUMNS.index("status")
-_encode = make_encoder(check_circular=False)
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_decode = json.JSONDecoder().decode
 """JSON columns as stored: compact. What reaches the store is a tree (params and
 progress are built from JSON, results are checked by the queue)."""
 _STARTING = _encode(STARTING_PROGRESS)
@@ -91,7 +92,7 @@ def _from_row(row: tuple[Any, ...]) -> Job:
     values = list(row)
     for i in _JSON_AT:
         if values[i] is not None:
-            values[i] = decode(values[i])
+            values[i] = _decode(values[i])
     return Job(*values)
 
 
