@@ -9,7 +9,7 @@ from typing import Any
 
 from ..core.errors import Conflict, JobError, NotFound, QueueFull, ValidationError
 from ..core.jobs import OPTION_NAMES
-from ..web.http import Response, error_response
+from ..web.http import Response, error_response, json_bytes
 
 _ID_RE = re.compile(r"[0-9]{1,18}")
 MAX_ID = 2**63 - 1
@@ -37,26 +37,44 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json_object(text: bytes | str) -> dict[str, Any]:
-    """Parse UTF-8 JSON text that must hold one object. Raises BadJSON with a
-    client-safe message (NaN/Infinity, bad UTF-8 and deep nesting included)."""
+    """Parse JSON text (bytes as ``json.loads`` reads them: UTF-8, -16 or -32) that
+    must hold one object. Raises BadJSON with a client-safe message (NaN/Infinity,
+    bad UTF-8, lone surrogates and deep nesting included)."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        if isinstance(text, bytes | bytearray):
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        value = _DECODER.decode(text)
     except BadJSON:
         raise
     except (ValueError, RecursionError):
         raise BadJSON("Invalid JSON") from None
     if not isinstance(value, dict):
         raise BadJSON("JSON body must be an object")
-    if not is_utf8_encodable(value):
+    if not _utf8_safe(text, value):
         raise BadJSON("Invalid JSON: strings must be valid Unicode (no lone surrogates)")
     return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _utf8_safe(text: str, value: Any) -> bool:
+    """Whether ``value``, parsed from ``text``, holds no lone surrogate: one can come
+    from the text itself (``surrogatepass``) or from a ``\\u`` escape."""
+    if "\\u" in text:
+        return is_utf8_encodable(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_utf8_encodable(value: Any) -> bool:
     """False if a string in ``value`` holds a lone UTF-16 surrogate (JSON's ``\\ud800``
     escapes decode to one), which no UTF-8 output could carry."""
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        json_bytes(value)
     except UnicodeEncodeError:
         return False
     return True

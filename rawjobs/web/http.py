@@ -88,9 +88,14 @@ class Takeover(Protocol):
 JSON_TYPE = "application/json"
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def json_bytes(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (no spaces, non-ASCII kept as is)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON (no spaces, non-ASCII kept as is). Raises TypeError for
+    what JSON cannot hold, ValueError for a cycle, UnicodeEncodeError for a lone
+    surrogate."""
+    return _encode(obj).encode("utf-8")
 
 
 def json_response(obj: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
