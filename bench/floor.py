@@ -99,12 +99,15 @@ def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     first-to-last spread of the send loop plus the load client's reading."""
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sends = []
     for seq in range(1, rounds + 1):
-        data = frame(seq, f"emit={time.time():.6f} ")
+        emit = time.time()
+        data = frame(seq, f"emit={emit:.6f} ")
         for sock in socks:
             sock.sendall(data)
+        sends.append([emit, time.time()])
         time.sleep(interval)
-    return {"messages": rounds * len(socks)}
+    return {"messages": rounds * len(socks), "sends": sends}
 
 
 def main() -> None:

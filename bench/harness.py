@@ -310,6 +310,7 @@ class Clients:
         self.procs = [self._spawn(port, _share(ws, parts, i), _share(sse, parts, i),
                                   sse_path, loop) for i in range(parts)]
         self.pids = [p.pid for p in self.procs]
+        self.ws, self.sse = ws, sse
         self.expected = ws + sse
 
     @staticmethod
@@ -328,8 +329,9 @@ class Clients:
             proc.stdin.flush()
         return [json.loads(proc.stdout.readline()) for proc in self.procs]
 
-    def connect(self) -> dict:
-        answers = self.call("connect")
+    def connect(self, kind: str = "") -> dict:
+        """Connect every subscriber not connected yet, or those of ``kind``."""
+        answers = self.call(f"connect {kind}".strip())
         connected = sum(a["connected"] for a in answers)
         return {"connected": connected, "failed": sum(a["failed"] for a in answers),
                 "wall_s": max(a["wall_s"] for a in answers),
@@ -370,12 +372,12 @@ class Clients:
                 last, last_change = counts["messages"], now
             time.sleep(0.05)
 
-    def pairs(self) -> np.ndarray:
-        """All (emit, receive) pairs, shape (n, 2)."""
+    def pairs(self, kind: str = "") -> np.ndarray:
+        """All (emit, receive) pairs, or those of ``kind`` ("ws", "sse"), shape (n, 2)."""
         arrays = []
         for i, proc in enumerate(self.procs):
             path = WORK / f"pairs-{proc.pid}-{i}.bin"
-            proc.stdin.write(f"dump {path}\n")
+            proc.stdin.write(f"dump {path} {kind}\n")
             proc.stdin.flush()
             json.loads(proc.stdout.readline())
             arrays.append(np.fromfile(path, dtype=np.float64))

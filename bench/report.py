@@ -133,9 +133,15 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
         lines.append(f"| {n:,} subscribers | {floor:.2f} | {_fmt(nodelay)} |{cells}")
     spread = _median(results, "floor-paced", "-", "spread_p50_ms")
     if spread is not None:
+        case = results["cases"]["floor-paced"]
+        variant = case["variants"]["-"]
+        processes = case["params"].get("clients", 1)
+        send = _median(results, "floor-paced", "-", "send_p50_ms")
         lines += ["", f"Spread floor: the floor loop sending one stamped frame to 2,000 "
-                      f"readers (two load clients of 1,000, as in the paced case): "
-                      f"first-to-last spread p50 {_fmt(spread)} ms."]
+                      f"readers ({processes} load-client process{'es' if processes > 1 else ''}"
+                      f", as in the paced case): first-to-last spread p50 {_fmt(spread)} ms, "
+                      f"the send loop itself took {_fmt(send)} ms "
+                      f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
     return lines
 
 

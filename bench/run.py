@@ -67,7 +67,7 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
                                                        "events": 1, "concurrency": 10},
                           variants, repeats=1))
     steps.append(Step("floor-paced", cases.floor_paced,
-                      {"clients": 2, "per_client": 1000, "events": 5 if quick else 10,
+                      {"clients": 1, "per_client": 2000, "events": 5 if quick else 10,
                        "interval": 0.1}))
     steps.append(Step("paced", cases.paced, {"ws": 1000, "sse": 1000,
                                              "events": 5 if quick else 10, "interval": 0.1},
