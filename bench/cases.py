@@ -22,6 +22,7 @@ from harness import (
     StatsProber,
     Variant,
     create_jobs,
+    fanout_windows,
     latency,
     percentiles_ms,
     spreads,
@@ -195,6 +196,11 @@ def paced(variant: Variant, ws: int, sse: int, events: int, interval: float,
             for group in groups:
                 group.close()
     gate.unlink(missing_ok=True)
+    if server.fanout_log is not None:  # run.py --fanout-probe: the server's side
+        windows = fanout_windows(server.fanout_log, result.pop("pairs"), interval / 2)
+        result.update(**_prefixed("server_write", windows["write"]),
+                      **_prefixed("after_last_write", windows["after"]))
+    result.pop("pairs", None)
     return {
         "ws": ws_connect["connected"], "sse": sse_connect["connected"],
         "client_processes": sum(len(g.procs) for g in groups),
@@ -249,6 +255,7 @@ def _open_gate(server: Server, gate: Path, groups: list[Clients], events: int,
         "server_cpu_s": cpu["server_cpu_s"], "client_cpu_s": cpu["client_cpu_s"],
         "cpu_us_per_message": cpu["server_cpu_s"] / max(1, delivered) * 1e6,
         "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"],
+        "pairs": both,
     }
 
 

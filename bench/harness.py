@@ -28,6 +28,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 WORK = Path(tempfile.mkdtemp(prefix="rawjobs-bench-"))
 MAX_PER_CLIENT = 9_500  # subscribers per load-client process (fd limit 20,000)
 PROFILE: dict = {"dir": None}  # set by run.py --profile: py-spy records every server
+FANOUT_PROBE: dict = {"on": False}  # set by run.py --fanout-probe (bench/fanout_probe.py)
 CLIENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """The load client's event loop: uvloop when installed (the client reads faster, so
 less of what is measured is the client), the same for every server."""
@@ -159,6 +160,12 @@ class Server:
         self.log = WORK / f"{variant.name}-{self.port}.log"
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, BENCH_PEER_CONCURRENCY=str(concurrency), PYTHONPATH=path)
+        self.fanout_log: Path | None = None
+        if FANOUT_PROBE["on"] and variant.kind == "rawjobs":
+            self.fanout_log = WORK / f"fanout-{self.port}.jsonl"
+            env["BENCH_FANOUT_PROBE"] = str(self.fanout_log)
+            env["BENCH_RAWJOBS_PRELOAD"] = ",".join(
+                filter(None, [env.get("BENCH_RAWJOBS_PRELOAD"), "bench.fanout_probe"]))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 server_command(variant, self.port, concurrency, db), cwd=ROOT, env=env,
@@ -431,6 +438,24 @@ def latency(pairs: np.ndarray) -> dict:
     """Per (subscriber, event) latency from the emit time, in ms."""
     return percentiles_ms(pairs[:, 1] - pairs[:, 0]) if len(pairs) else percentiles_ms(
         np.array([]))
+
+
+def fanout_windows(log: Path, pairs: np.ndarray, within: float) -> dict:
+    """Split each event's spread with the server's own timestamps (bench/fanout_probe.py):
+    ``write``, the server's first write of the event (any channel) to its last one;
+    ``after``, the last subscriber's receive time minus that last write (the kernel
+    and the load client). An event's writes are the broadcasts asked for within
+    ``within`` seconds after its emit time. Percentiles in ms over the events."""
+    records = [json.loads(line) for line in log.read_text().splitlines()] \
+        if log.exists() else []
+    write, after = [], []
+    for emit in np.unique(pairs[:, 0]) if len(pairs) else []:
+        mine = [r for r in records if emit <= r["asked"] < emit + within]
+        if mine:
+            last = max(r["last"] for r in mine)
+            write.append(last - min(r["first"] for r in mine))
+            after.append(pairs[pairs[:, 0] == emit, 1].max() - last)
+    return {"write": percentiles_ms(np.array(write)), "after": percentiles_ms(np.array(after))}
 
 
 def spreads(pairs: np.ndarray) -> dict:

@@ -142,6 +142,12 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
                       f", as in the paced case): first-to-last spread p50 {_fmt(spread)} ms, "
                       f"the send loop itself took {_fmt(send)} ms "
                       f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
+    write = _median(results, "paced", "rawjobs", "server_write_p50_ms")
+    if write is not None:
+        after = _median(results, "paced", "rawjobs", "after_last_write_p50_ms")
+        lines += ["", f"Paced, rawjobs' own timestamps (`--fanout-probe`): its first write "
+                      f"of an event to its last, p50 {_fmt(write)} ms; the last subscriber's "
+                      f"receive time after that last write, p50 {_fmt(after)} ms."]
     return lines
 
 
