@@ -198,8 +198,9 @@ def paced(variant: Variant, ws: int, sse: int, events: int, interval: float,
     gate.unlink(missing_ok=True)
     if server.fanout_log is not None:  # run.py --fanout-probe: the server's side
         windows = fanout_windows(server.fanout_log, result.pop("pairs"), interval / 2)
-        result.update(**_prefixed("server_write", windows["write"]),
-                      **_prefixed("after_last_write", windows["after"]))
+        for name, figures in windows.items():
+            result.update(_prefixed("after_last_write" if name == "after"
+                                    else f"server_{name}", figures))
     result.pop("pairs", None)
     return {
         "ws": ws_connect["connected"], "sse": sse_connect["connected"],

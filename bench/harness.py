@@ -442,20 +442,26 @@ def latency(pairs: np.ndarray) -> dict:
 
 def fanout_windows(log: Path, pairs: np.ndarray, within: float) -> dict:
     """Split each event's spread with the server's own timestamps (bench/fanout_probe.py):
-    ``write``, the server's first write of the event (any channel) to its last one;
-    ``after``, the last subscriber's receive time minus that last write (the kernel
-    and the load client). An event's writes are the broadcasts asked for within
-    ``within`` seconds after its emit time. Percentiles in ms over the events."""
+    ``write``, the server's first write of the event (any channel) to its last one,
+    of which ``write_cpu`` on a CPU and ``write_waiting`` runnable but waiting for
+    one; ``after``, the last subscriber's receive time minus that last write (the
+    kernel and the load client; slightly negative when that subscriber read it
+    before the server had read its clocks after the write). An event's writes are the broadcasts asked for
+    within ``within`` seconds after its emit time. Percentiles in ms over the events."""
     records = [json.loads(line) for line in log.read_text().splitlines()] \
         if log.exists() else []
-    write, after = [], []
+    out: dict[str, list[float]] = {"write": [], "write_cpu": [], "write_waiting": [],
+                                   "after": []}
     for emit in np.unique(pairs[:, 0]) if len(pairs) else []:
         mine = [r for r in records if emit <= r["asked"] < emit + within]
         if mine:
-            last = max(r["last"] for r in mine)
-            write.append(last - min(r["first"] for r in mine))
-            after.append(pairs[pairs[:, 0] == emit, 1].max() - last)
-    return {"write": percentiles_ms(np.array(write)), "after": percentiles_ms(np.array(after))}
+            first = min(mine, key=lambda r: r["first"])
+            last = max(mine, key=lambda r: r["last"])
+            out["write"].append(last["last"] - first["first"])
+            out["write_cpu"].append(last["cpu_last"] - first["cpu_first"])
+            out["write_waiting"].append(last["wait_last"] - first["wait_first"])
+            out["after"].append(pairs[pairs[:, 0] == emit, 1].max() - last["last"])
+    return {k: percentiles_ms(np.array(v)) for k, v in out.items()}
 
 
 def spreads(pairs: np.ndarray) -> dict:

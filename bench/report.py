@@ -144,10 +144,14 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
                       f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
     write = _median(results, "paced", "rawjobs", "server_write_p50_ms")
     if write is not None:
-        after = _median(results, "paced", "rawjobs", "after_last_write_p50_ms")
+        cpu, waiting, after = (_median(results, "paced", "rawjobs", f"{key}_p50_ms") for key
+                               in ("server_write_cpu", "server_write_waiting",
+                                   "after_last_write"))
         lines += ["", f"Paced, rawjobs' own timestamps (`--fanout-probe`): its first write "
-                      f"of an event to its last, p50 {_fmt(write)} ms; the last subscriber's "
-                      f"receive time after that last write, p50 {_fmt(after)} ms."]
+                      f"of an event to its last, p50 {_fmt(write)} ms (on a CPU "
+                      f"{_fmt(cpu)} ms, waiting for one {_fmt(waiting)} ms); the last "
+                      f"subscriber's receive time after that last write, p50 "
+                      f"{_fmt(after)} ms."]
     return lines
 
 
