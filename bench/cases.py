@@ -70,7 +70,8 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float) -> 
     """The spread floor: ``events`` stamped frames, ``interval`` apart, from the floor
     loop to ``clients`` load-client processes of ``per_client`` WebSocket readers each
     (the paced case's shape): first-to-last spread and latency of a send loop, and
-    how long the loop itself took per frame (``send``: first send to last)."""
+    how long the loop itself took per frame (``send``: first send to last), of which
+    on a CPU (``send_cpu``) and waiting for one (``send_waiting``)."""
     total = clients * per_client
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "--subscribers",
                              str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -99,6 +100,8 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float) -> 
     return {"subscribers": total, "client_processes": clients,
             **_prefixed("spread", spreads(pairs)), **_prefixed("latency", latency(pairs)),
             **_prefixed("send", percentiles_ms(sends[:, 1] - sends[:, 0])),
+            **_prefixed("send_cpu", percentiles_ms(sends[:, 2])),
+            **_prefixed("send_waiting", percentiles_ms(sends[:, 3])),
             "server_cpu_s": cpu["server_cpu_s"], "client_cpu_s": cpu["client_cpu_s"],
             "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 

@@ -136,11 +136,13 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
         case = results["cases"]["floor-paced"]
         variant = case["variants"]["-"]
         processes = case["params"].get("clients", 1)
-        send = _median(results, "floor-paced", "-", "send_p50_ms")
+        send, cpu, waiting = (_median(results, "floor-paced", "-", f"{key}_p50_ms")
+                              for key in ("send", "send_cpu", "send_waiting"))
         lines += ["", f"Spread floor: the floor loop sending one stamped frame to 2,000 "
                       f"readers ({processes} load-client process{'es' if processes > 1 else ''}"
                       f", as in the paced case): first-to-last spread p50 {_fmt(spread)} ms, "
-                      f"the send loop itself took {_fmt(send)} ms "
+                      f"the send loop itself took {_fmt(send)} ms (on a CPU {_fmt(cpu)} ms, "
+                      f"waiting for one {_fmt(waiting)} ms) "
                       f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
     write = _median(results, "paced", "rawjobs", "server_write_p50_ms")
     if write is not None:
