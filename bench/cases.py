@@ -22,7 +22,9 @@ from harness import (
     StatsProber,
     Variant,
     create_jobs,
+    fanout_windows,
     latency,
+    percentiles_ms,
     spreads,
     wrk,
 )
@@ -67,7 +69,9 @@ def floor(subscribers: int, rounds: int) -> dict:
 def floor_paced(clients: int, per_client: int, events: int, interval: float) -> dict:
     """The spread floor: ``events`` stamped frames, ``interval`` apart, from the floor
     loop to ``clients`` load-client processes of ``per_client`` WebSocket readers each
-    (the paced case's shape): first-to-last spread and latency of a send loop."""
+    (the paced case's shape): first-to-last spread and latency of a send loop, and
+    how long the loop itself took per frame (``send``: first send to last), of which
+    on a CPU (``send_cpu``) and waiting for one (``send_waiting``)."""
     total = clients * per_client
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "--subscribers",
                              str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -79,18 +83,27 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float) -> 
         for group in groups:
             group.connect()
         json.loads(proc.stdout.readline())  # {"connected": N}
+        for group in groups:
+            group.reset()
+        window = CpuWindow(proc.pid, [pid for g in groups for pid in g.pids])
         proc.stdin.write(f"pace {events} {interval}\n")
         proc.stdin.flush()
-        json.loads(proc.stdout.readline())
+        sends = np.array(json.loads(proc.stdout.readline())["sends"])
         for group in groups:
             group.wait_for(per_client * events, timeout=60, marked=per_client * events)
+        cpu = window.stop()
         pairs = np.concatenate([group.pairs() for group in groups])
     finally:
         for group in groups:
             group.close()
         _end(proc)
-    return {"subscribers": total, **_prefixed("spread", spreads(pairs)),
-            **_prefixed("latency", latency(pairs))}
+    return {"subscribers": total, "client_processes": clients,
+            **_prefixed("spread", spreads(pairs)), **_prefixed("latency", latency(pairs)),
+            **_prefixed("send", percentiles_ms(sends[:, 1] - sends[:, 0])),
+            **_prefixed("send_cpu", percentiles_ms(sends[:, 2])),
+            **_prefixed("send_waiting", percentiles_ms(sends[:, 3])),
+            "server_cpu_s": cpu["server_cpu_s"], "client_cpu_s": cpu["client_cpu_s"],
+            "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 
 def _floor_round(proc: subprocess.Popen, clients: Clients, rounds: int, option: str) -> dict:
@@ -156,27 +169,45 @@ def burst(variant: Variant, subscribers: int, jobs: int, events: int,
     }
 
 
-def paced(variant: Variant, ws: int, sse: int, events: int, interval: float) -> dict:
+def paced(variant: Variant, ws: int, sse: int, events: int, interval: float,
+          processes: str = "shared") -> dict:
     """One job emitting ``events`` progress events ``interval`` apart, followed by
     ``ws`` /ws/queue and ``sse`` /api/jobs/{id}/progress subscribers. Also measures
-    RSS per idle subscriber (WebSocket ones first, then SSE)."""
+    RSS per idle subscriber (WebSocket ones first, then SSE). ``processes``: "shared",
+    both kinds in the same load-client processes (one per ``MAX_PER_CLIENT``
+    subscribers); "by-kind", the WebSocket and the SSE subscribers in processes of
+    their own."""
     gate = WORK / f"gate-{variant.name}-{ws}-{sse}"
     gate.unlink(missing_ok=True)
     with Server(variant) as server:
         job_id = create_jobs(server.port, 1, {"events": events, "interval": interval,
                                               "gate": str(gate)})[0]
+        sse_path = f"/api/jobs/{job_id}/progress"
         rss0 = _settle(server)
-        with Clients(server.port, ws=ws) as ws_clients, \
-                Clients(server.port, sse=sse, sse_path=f"/api/jobs/{job_id}/progress") \
-                as sse_clients:
-            ws_connect = ws_clients.connect()
+        if processes == "shared":
+            groups = [Clients(server.port, ws=ws, sse=sse, sse_path=sse_path)]
+        else:
+            groups = [Clients(server.port, ws=ws), Clients(server.port, sse=sse,
+                                                           sse_path=sse_path)]
+        try:
+            ws_connect = _connect(groups, "ws")
             rss1 = _settle(server)
-            sse_connect = sse_clients.connect()
+            sse_connect = _connect(groups, "sse")
             rss2 = _settle(server)
-            result = _open_gate(server, gate, ws_clients, sse_clients, events)
+            result = _open_gate(server, gate, groups, events, interval)
+        finally:
+            for group in groups:
+                group.close()
     gate.unlink(missing_ok=True)
+    if server.fanout_log is not None:  # run.py --fanout-probe: the server's side
+        windows = fanout_windows(server.fanout_log, result.pop("pairs"), interval / 2)
+        for name, figures in windows.items():
+            result.update(_prefixed("after_last_write" if name == "after"
+                                    else f"server_{name}", figures))
+    result.pop("pairs", None)
     return {
         "ws": ws_connect["connected"], "sse": sse_connect["connected"],
+        "client_processes": sum(len(g.procs) for g in groups),
         "connect_failed": ws_connect["failed"] + sse_connect["failed"],
         "ws_connect_p50_ms": ws_connect["p50_ms"], "sse_connect_p50_ms": sse_connect["p50_ms"],
         "connect_per_s": (ws_connect["connected"] + sse_connect["connected"])
@@ -189,33 +220,46 @@ def paced(variant: Variant, ws: int, sse: int, events: int, interval: float) -> 
     }
 
 
-def _open_gate(server: Server, gate: Path, ws_clients: Clients, sse_clients: Clients,
-               events: int) -> dict:
+def _connect(groups: list[Clients], kind: str) -> dict:
+    """Connect the ``kind`` subscribers of every group that has some."""
+    answers = [g.connect(kind) for g in groups if getattr(g, kind)]
+    return {"connected": sum(a["connected"] for a in answers),
+            "failed": sum(a["failed"] for a in answers),
+            "wall_s": sum(a["wall_s"] for a in answers),
+            "p50_ms": max((a["p50_ms"] for a in answers), default=0.0)}
+
+
+def _open_gate(server: Server, gate: Path, groups: list[Clients], events: int,
+               interval: float) -> dict:
     """Let the gated job run; wait for every event at every subscriber."""
-    for c in (ws_clients, sse_clients):
-        c.reset()
-    window = CpuWindow(server.pid, ws_clients.pids + sse_clients.pids)
+    for group in groups:
+        group.reset()
+    window = CpuWindow(server.pid, [pid for g in groups for pid in g.pids])
     gate.touch()
-    ws_counts = ws_clients.wait_for(ws_clients.expected * (events + WS_AFTER_GATE), 120,
-                                    marked=ws_clients.expected * events)
-    sse_counts = sse_clients.wait_for(sse_clients.expected * (events + SSE_AFTER_GATE), 60,
-                                      marked=sse_clients.expected * events)
+    # Not a word to the load clients while the events fan out: every ``count`` makes
+    # them parse what arrived (see bench/loadclient.py), which is best done after.
+    time.sleep(events * interval)
+    counts = [g.wait_for(g.ws * (events + WS_AFTER_GATE) + g.sse * (events + SSE_AFTER_GATE),
+                         120, marked=g.expected * events) for g in groups]
     cpu = window.stop()
-    ws_pairs, sse_pairs = ws_clients.pairs(), sse_clients.pairs()
+    ws_pairs = np.concatenate([g.pairs("ws") for g in groups])
+    sse_pairs = np.concatenate([g.pairs("sse") for g in groups])
     both = np.concatenate([ws_pairs, sse_pairs])
-    marked_expected = (ws_clients.expected + sse_clients.expected) * events
-    delivered = ws_counts["messages"] + sse_counts["messages"]
+    expected = sum(g.expected for g in groups)
+    marked = sum(c["marked"] for c in counts)
+    delivered = sum(c["messages"] for c in counts)
     return {
-        "marked_expected": marked_expected,
-        "marked": ws_counts["marked"] + sse_counts["marked"],
-        "delivered_ratio": (ws_counts["marked"] + sse_counts["marked"]) / max(1, marked_expected),
-        "every_event_everywhere": _all_got(ws_counts, events) and _all_got(sse_counts, events),
-        "lost_ws": sum(ws_counts["lost"].values()),
+        "marked_expected": expected * events, "marked": marked,
+        "delivered_ratio": marked / max(1, expected * events),
+        "every_event_everywhere": all(_all_got(c, events) for c in counts),
+        "marked_min": min(min(c["marked_min"].values()) for c in counts),
+        "lost_ws": sum(c["lost"].get("ws", 0) + c["lost"].get("ws-close", 0) for c in counts),
         **_prefixed("spread", spreads(both)), **_prefixed("spread_ws", spreads(ws_pairs)),
         **_prefixed("spread_sse", spreads(sse_pairs)), **_prefixed("latency", latency(both)),
-        "server_cpu_s": cpu["server_cpu_s"],
+        "server_cpu_s": cpu["server_cpu_s"], "client_cpu_s": cpu["client_cpu_s"],
         "cpu_us_per_message": cpu["server_cpu_s"] / max(1, delivered) * 1e6,
         "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"],
+        "pairs": both,
     }
 
 

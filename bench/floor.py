@@ -14,7 +14,9 @@ without using CPU) and prints ``{"messages", "cpu_s", "user_s", "system_s", "wal
 its transports: each send is then its own TCP segment, where plain sockets let Nagle
 merge the sends that follow an unacknowledged one. ``pace ROUNDS INTERVAL`` sends
 ROUNDS frames stamped with their emit time, INTERVAL seconds apart (the spread floor
-of the paced case). ``quit`` ends it.
+of the paced case), and prints ``{"messages", "sends"}``: per frame, its emit time,
+the time after its last send, and the CPU time and run-queue wait of the loop. ``quit``
+ends it.
 """
 
 from __future__ import annotations
@@ -99,12 +101,21 @@ def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     first-to-last spread of the send loop plus the load client's reading."""
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sends = []
     for seq in range(1, rounds + 1):
-        data = frame(seq, f"emit={time.time():.6f} ")
+        emit, cpu, waited = time.time(), time.thread_time(), run_queue_wait()
+        data = frame(seq, f"emit={emit:.6f} ")
         for sock in socks:
             sock.sendall(data)
+        sends.append([emit, time.time(), time.thread_time() - cpu, run_queue_wait() - waited])
         time.sleep(interval)
-    return {"messages": rounds * len(socks)}
+    return {"messages": rounds * len(socks), "sends": sends}
+
+
+def run_queue_wait() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (schedstat)."""
+    with open("/proc/self/schedstat", "rb") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 def main() -> None:

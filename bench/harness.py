@@ -28,6 +28,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 WORK = Path(tempfile.mkdtemp(prefix="rawjobs-bench-"))
 MAX_PER_CLIENT = 9_500  # subscribers per load-client process (fd limit 20,000)
 PROFILE: dict = {"dir": None}  # set by run.py --profile: py-spy records every server
+FANOUT_PROBE: dict = {"on": False}  # set by run.py --fanout-probe (bench/fanout_probe.py)
 CLIENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 """The load client's event loop: uvloop when installed (the client reads faster, so
 less of what is measured is the client), the same for every server."""
@@ -159,6 +160,12 @@ class Server:
         self.log = WORK / f"{variant.name}-{self.port}.log"
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, BENCH_PEER_CONCURRENCY=str(concurrency), PYTHONPATH=path)
+        self.fanout_log: Path | None = None
+        if FANOUT_PROBE["on"] and variant.kind == "rawjobs":
+            self.fanout_log = WORK / f"fanout-{self.port}.jsonl"
+            env["BENCH_FANOUT_PROBE"] = str(self.fanout_log)
+            env["BENCH_RAWJOBS_PRELOAD"] = ",".join(
+                filter(None, [env.get("BENCH_RAWJOBS_PRELOAD"), "bench.fanout_probe"]))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 server_command(variant, self.port, concurrency, db), cwd=ROOT, env=env,
@@ -310,6 +317,7 @@ class Clients:
         self.procs = [self._spawn(port, _share(ws, parts, i), _share(sse, parts, i),
                                   sse_path, loop) for i in range(parts)]
         self.pids = [p.pid for p in self.procs]
+        self.ws, self.sse = ws, sse
         self.expected = ws + sse
 
     @staticmethod
@@ -328,8 +336,9 @@ class Clients:
             proc.stdin.flush()
         return [json.loads(proc.stdout.readline()) for proc in self.procs]
 
-    def connect(self) -> dict:
-        answers = self.call("connect")
+    def connect(self, kind: str = "") -> dict:
+        """Connect every subscriber not connected yet, or those of ``kind``."""
+        answers = self.call(f"connect {kind}".strip())
         connected = sum(a["connected"] for a in answers)
         return {"connected": connected, "failed": sum(a["failed"] for a in answers),
                 "wall_s": max(a["wall_s"] for a in answers),
@@ -370,12 +379,12 @@ class Clients:
                 last, last_change = counts["messages"], now
             time.sleep(0.05)
 
-    def pairs(self) -> np.ndarray:
-        """All (emit, receive) pairs, shape (n, 2)."""
+    def pairs(self, kind: str = "") -> np.ndarray:
+        """All (emit, receive) pairs, or those of ``kind`` ("ws", "sse"), shape (n, 2)."""
         arrays = []
         for i, proc in enumerate(self.procs):
             path = WORK / f"pairs-{proc.pid}-{i}.bin"
-            proc.stdin.write(f"dump {path}\n")
+            proc.stdin.write(f"dump {path} {kind}\n")
             proc.stdin.flush()
             json.loads(proc.stdout.readline())
             arrays.append(np.fromfile(path, dtype=np.float64))
@@ -429,6 +438,30 @@ def latency(pairs: np.ndarray) -> dict:
     """Per (subscriber, event) latency from the emit time, in ms."""
     return percentiles_ms(pairs[:, 1] - pairs[:, 0]) if len(pairs) else percentiles_ms(
         np.array([]))
+
+
+def fanout_windows(log: Path, pairs: np.ndarray, within: float) -> dict:
+    """Split each event's spread with the server's own timestamps (bench/fanout_probe.py):
+    ``write``, the server's first write of the event (any channel) to its last one,
+    of which ``write_cpu`` on a CPU and ``write_waiting`` runnable but waiting for
+    one; ``after``, the last subscriber's receive time minus that last write (the
+    kernel and the load client; slightly negative when that subscriber read it
+    before the server had read its clocks after the write). An event's writes are the broadcasts asked for
+    within ``within`` seconds after its emit time. Percentiles in ms over the events."""
+    records = [json.loads(line) for line in log.read_text().splitlines()] \
+        if log.exists() else []
+    out: dict[str, list[float]] = {"write": [], "write_cpu": [], "write_waiting": [],
+                                   "after": []}
+    for emit in np.unique(pairs[:, 0]) if len(pairs) else []:
+        mine = [r for r in records if emit <= r["asked"] < emit + within]
+        if mine:
+            first = min(mine, key=lambda r: r["first"])
+            last = max(mine, key=lambda r: r["last"])
+            out["write"].append(last["last"] - first["first"])
+            out["write_cpu"].append(last["cpu_last"] - first["cpu_first"])
+            out["write_waiting"].append(last["wait_last"] - first["wait_first"])
+            out["after"].append(pairs[pairs[:, 0] == emit, 1].max() - last["last"])
+    return {k: percentiles_ms(np.array(v)) for k, v in out.items()}
 
 
 def spreads(pairs: np.ndarray) -> dict:

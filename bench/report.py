@@ -133,9 +133,27 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
         lines.append(f"| {n:,} subscribers | {floor:.2f} | {_fmt(nodelay)} |{cells}")
     spread = _median(results, "floor-paced", "-", "spread_p50_ms")
     if spread is not None:
+        case = results["cases"]["floor-paced"]
+        variant = case["variants"]["-"]
+        processes = case["params"].get("clients", 1)
+        send, cpu, waiting = (_median(results, "floor-paced", "-", f"{key}_p50_ms")
+                              for key in ("send", "send_cpu", "send_waiting"))
         lines += ["", f"Spread floor: the floor loop sending one stamped frame to 2,000 "
-                      f"readers (two load clients of 1,000, as in the paced case): "
-                      f"first-to-last spread p50 {_fmt(spread)} ms."]
+                      f"readers ({processes} load-client process{'es' if processes > 1 else ''}"
+                      f", as in the paced case): first-to-last spread p50 {_fmt(spread)} ms, "
+                      f"the send loop itself took {_fmt(send)} ms (on a CPU {_fmt(cpu)} ms, "
+                      f"waiting for one {_fmt(waiting)} ms) "
+                      f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
+    write = _median(results, "paced", "rawjobs", "server_write_p50_ms")
+    if write is not None:
+        cpu, waiting, after = (_median(results, "paced", "rawjobs", f"{key}_p50_ms") for key
+                               in ("server_write_cpu", "server_write_waiting",
+                                   "after_last_write"))
+        lines += ["", f"Paced, rawjobs' own timestamps (`--fanout-probe`): its first write "
+                      f"of an event to its last, p50 {_fmt(write)} ms (on a CPU "
+                      f"{_fmt(cpu)} ms, waiting for one {_fmt(waiting)} ms); the last "
+                      f"subscriber's receive time after that last write, p50 "
+                      f"{_fmt(after)} ms."]
     return lines
 
 

@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases  # noqa: E402
 import report  # noqa: E402
-from harness import CLIENT_LOOP, PROFILE, WORK, Variant, wait_for_quiet  # noqa: E402
+from harness import (  # noqa: E402
+    CLIENT_LOOP,
+    FANOUT_PROBE,
+    PROFILE,
+    WORK,
+    Variant,
+    wait_for_quiet,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +74,7 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
                                                        "events": 1, "concurrency": 10},
                           variants, repeats=1))
     steps.append(Step("floor-paced", cases.floor_paced,
-                      {"clients": 2, "per_client": 1000, "events": 5 if quick else 10,
+                      {"clients": 1, "per_client": 2000, "events": 5 if quick else 10,
                        "interval": 0.1}))
     steps.append(Step("paced", cases.paced, {"ws": 1000, "sse": 1000,
                                              "events": 5 if quick else 10, "interval": 0.1},
@@ -182,6 +189,10 @@ def parse_args() -> argparse.Namespace:
                    help="record every server with py-spy (raw stacks) into DIR; "
                         "summarise with bench/profile_summary.py (figures are then "
                         "not clean: py-spy takes CPU)")
+    p.add_argument("--fanout-probe", action="store_true",
+                   help="start rawjobs with bench/fanout_probe.py: paced then also reports "
+                        "the server's own writing time per event (server_write_*) and "
+                        "what came after its last write (after_last_write_*)")
     return p.parse_args()
 
 
@@ -207,6 +218,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     only = set(filter(None, args.only.split(",")))
     PROFILE["dir"] = args.profile
+    FANOUT_PROBE["on"] = args.fanout_probe
     quiet = args.quiet_wait if args.quiet_wait is not None else (2.0 if args.quick else 5.0)
     started = time.time()
     results = {"mode": mode, "started": started, "machine": machine(),
