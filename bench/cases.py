@@ -320,14 +320,16 @@ def _remove_db(db: str) -> None:
 
 
 def queue_inprocess(memory_jobs: int, sqlite_jobs: int) -> dict | None:
-    """bench/queue_throughput.py (in process, no HTTP), if present: its rates as
+    """bench/queue_throughput.py (in process, no HTTP, the server's GC settings), if
+    present: its rates as
     ``{store}_{run}_{rate}`` figures, e.g. ``memory_mixed_jobs_per_s``."""
     script = BENCH / "queue_throughput.py"
     if not script.exists():
         return None
     out = WORK / f"queue-inprocess-{time.monotonic_ns()}.json"
     proc = subprocess.run([sys.executable, str(script), "--memory-jobs", str(memory_jobs),
-                           "--sqlite-jobs", str(sqlite_jobs), "--json", str(out)],
+                           "--sqlite-jobs", str(sqlite_jobs), "--gc", "server",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
     if proc.returncode != 0 or not out.exists():
         return {"error": (proc.stderr or proc.stdout)[-500:]}
