@@ -93,6 +93,8 @@ class JobQueue:
         self._recent: OrderedDict[int, Job] = OrderedDict()
         self._counts = empty_counts()
         self._pruning = 0
+        self._prune_due = 0
+        self._pruner = False
         self._progress_saved: dict[int, float] = {}
         self._progress_timers: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -411,14 +413,23 @@ class JobQueue:
         excess = finished - self._pruning - self.keep_finished
         if excess > 0:
             self._pruning += excess
-            self._spawn(self._prune(excess))
+            self._prune_due += excess
+            if not self._pruner:
+                self._pruner = True
+                self._spawn(self._prune())
 
-    async def _prune(self, count: int) -> None:
+    async def _prune(self) -> None:
+        """Prune what finishing jobs asked for: one store call for all the jobs that
+        finished meanwhile, not one per job (a busy queue finishes hundreds at once)."""
         try:
-            gone = await self.store.prune_finished(count)
-            self._forget(gone)
+            while self._prune_due:
+                count, self._prune_due = self._prune_due, 0
+                try:
+                    self._forget(await self.store.prune_finished(count))
+                finally:
+                    self._pruning -= count
         finally:
-            self._pruning -= count
+            self._pruner = False
 
     def _forget(self, gone: list[tuple[int, str]]) -> None:
         for job_id, status in gone:
