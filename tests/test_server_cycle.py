@@ -169,3 +169,59 @@ def test_head_of_a_stream_on_http10_closes(short_keepalive):
     assert headers[b"content-type"].startswith(b"text/event-stream")
     assert headers[b"connection"] == b"close"
     assert b"transfer-encoding" not in headers and rest == b""
+
+
+# -- event streams: the end of the connection --------------------------------------------
+
+
+def _countdown(port: int, seconds: int) -> int:
+    return httpx.post(f"http://127.0.0.1:{port}/api/jobs",
+                      json={"job_type": "countdown", "params": {"seconds": seconds}}).json()["id"]
+
+
+def test_stream_half_closed_by_the_client_ends_with_its_last_chunk(short_keepalive):
+    port = short_keepalive.port
+    job_id = _countdown(port, 30)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /api/jobs/{job_id}/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     .encode())
+        sock.shutdown(socket.SHUT_WR)
+        out = read_until_closed(sock)
+    _, headers, _ = _head_lines(out)
+    assert headers[b"connection"] == b"close"
+    assert out.endswith(b"\r\n0\r\n\r\n")  # a complete chunked body, not a cut one
+    httpx.delete(f"http://127.0.0.1:{port}/api/jobs/{job_id}")
+
+
+def test_stream_head_announces_the_close_that_follows(short_keepalive):
+    """A stream of a finished job ends at once and the connection with it: the head
+    says ``Connection: close``, so a pipelined request is known to be unread."""
+    port = short_keepalive.port
+    job = httpx.post(f"http://127.0.0.1:{port}/api/jobs",
+                     json={"job_type": "echo", "params": {"message": "hi"}}).json()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"http://127.0.0.1:{port}/api/jobs/{job['id']}").json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /api/jobs/{job['id']}/progress HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     .encode() + _stats(port))
+        out = read_until_closed(sock)
+    assert statuses(out) == [200]
+    _, headers, _ = _head_lines(out)
+    assert headers[b"connection"] == b"close"
+    assert b"event: complete" in out and out.endswith(b"\r\n0\r\n\r\n")
+
+
+def test_100_continue_has_its_reason_phrase(short_keepalive):
+    port = short_keepalive.port
+    body = b'{"job_type":"echo","params":{"message":"hi"}}'
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue"
+                     "\r\nConnection: close\r\n\r\n".encode())
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        out = read_until_closed(sock)
+    assert statuses(interim + out)[-1] == 201

@@ -342,7 +342,7 @@ class HTTPConnection:
     async def _read_body(self, request: Request) -> bytes:
         if self.h11.they_are_waiting_for_100_continue:
             self.write(self.h11.send(h11.InformationalResponse(
-                status_code=100, headers=standard_headers())))
+                status_code=100, headers=standard_headers(), reason=b"Continue")))
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -497,10 +497,12 @@ class HTTPConnection:
 
     def start_stream(self, status: int, headers: list[tuple[str, str]]) -> bool:
         """Send the head of a streamed response of unknown length (RFC 9112 section
-        6.3: chunked for HTTP/1.1, close-delimited for HTTP/1.0). Returns True when
-        the body is chunked, i.e. each write must be framed as a chunk."""
+        6.3: chunked for HTTP/1.1, close-delimited for HTTP/1.0), with ``Connection:
+        close``: the connection ends with the stream, so a pipelined request is not
+        read (RFC 9112 section 9.6). Returns True when the body is chunked, i.e. each
+        write must be framed as a chunk."""
         raw = standard_headers() + [(k.encode("latin-1"), v.encode("latin-1"))
-                                    for k, v in headers]
+                                    for k, v in headers] + [(b"connection", b"close")]
         self.write(self.h11.send(h11.Response(
             status_code=status, headers=raw,
             reason=http.HTTPStatus(status).phrase.encode("ascii"))))

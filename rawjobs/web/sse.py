@@ -117,8 +117,7 @@ class SSEStream:
                 await _read_until_gone(conn)
         finally:
             self.on_close(subscriber)
-            subscriber.ended = True
-            conn.abort_if_open(graceful=True)
+            subscriber.end()  # the last chunk, for a client that only half-closed
             log.debug("event stream to %s closed", conn.client)
 
 
