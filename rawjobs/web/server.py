@@ -9,8 +9,9 @@ SERVER-NOTES.md section 1 is the checklist for driving h11.
 h11 parses every request. Complete responses are written by hand (status line,
 headers, body in one write: through h11 they cost more than the rest of a small
 request), and the next request cycle starts with a fresh h11 state machine holding the
-bytes the client sent beyond the last request. Stream heads (SSE), the WebSocket 101,
-``100 Continue`` and fault answers still go through h11. Each connection has one read
+bytes the client sent beyond the last request (``encode_head`` also writes the answers
+to refused requests). Stream heads (SSE), the WebSocket 101 and ``100 Continue`` still
+go through h11. Each connection has one read
 deadline, moved lazily (see ``_arm``), instead of a timer per read.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import h11
 
-from .http import Request, Response, Takeover, error_response, json_bytes
+from .http import Request, Response, Takeover, error_response
 
 log = logging.getLogger("rawjobs.http")
 
@@ -189,12 +190,35 @@ class HTTPServer:
 
 
 def _refusal(status: int, message: str) -> bytes:
-    """A complete ``Connection: close`` response written without h11 (no request)."""
-    body = json_bytes({"error": message})
-    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode("ascii")
-    return head + body
+    """A complete ``Connection: close`` error response (no request was read)."""
+    response = error_response(status, message)
+    return encode_head(response, keep_alive=False) + response.body
+
+
+def encode_head(response: Response, keep_alive: bool, chunked: bool = True) -> bytes:
+    """The head of a complete response, written by hand (RFC 9112 sections 4-6):
+    status line, ``Date``, ``Server``, the response's headers, its framing (its
+    length; for the head of a stream answered to HEAD, ``chunked`` when the stream
+    would be, i.e. on HTTP/1.1 with the connection kept), ``Connection: close``
+    unless ``keep_alive``. Raises ValueError for a header holding CR, LF or NUL
+    (response splitting, RFC 9110 section 5.5) or one that is not Latin-1."""
+    status = response.status
+    parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n", _date.head_lines()]
+    if response.content_type:
+        parts.append(f"content-type: {response.content_type}\r\n")
+    for name, value in response.headers:
+        if _BAD_FIELD.search(name) or _BAD_FIELD.search(value):
+            raise ValueError(f"response header {name!r} holds CR, LF or NUL")
+        parts.append(f"{name}: {value}\r\n")
+    if status not in (204, 304):
+        if response.known_length:
+            parts.append(f"content-length: {len(response.body)}\r\n")
+        elif keep_alive and chunked:
+            parts.append("transfer-encoding: chunked\r\n")
+    if not keep_alive:
+        parts.append("connection: close\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 class HTTPConnection:
@@ -458,42 +482,18 @@ class HTTPConnection:
         request); the request cycle then restarts with a fresh h11 state machine
         (``_next_cycle``). A header that cannot be sent (CR, LF or NUL in it, or
         not Latin-1) turns the response into a 500, logged."""
+        chunked = self.h11.their_http_version != b"1.0"
         try:
-            data = self._response_head(response, keep_alive).encode("latin-1")
+            data = encode_head(response, keep_alive, chunked)
         except ValueError:
             log.exception("response to %s has a header that cannot be sent", self.client)
             response = error_response(500, "Internal server error")
-            data = self._response_head(response, keep_alive).encode("latin-1")
+            data = encode_head(response, keep_alive, chunked)
         no_body = head_only or response.status in (204, 304)
         if response.body and not no_body:
             data += response.body
         self.write(data)
         await self.flush()
-
-    def _response_head(self, response: Response, keep_alive: bool) -> str:
-        status = response.status
-        parts = [_STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n", _date.head_lines()]
-        if response.content_type:
-            parts.append(f"content-type: {response.content_type}\r\n")
-        for name, value in response.headers:
-            if _BAD_FIELD.search(name) or _BAD_FIELD.search(value):
-                raise ValueError(f"response header {name!r} holds CR, LF or NUL")
-            parts.append(f"{name}: {value}\r\n")
-        if status not in (204, 304):
-            parts.append(self._framing(response, keep_alive))
-        if not keep_alive:
-            parts.append("connection: close\r\n")
-        parts.append("\r\n")
-        return "".join(parts)
-
-    def _framing(self, response: Response, keep_alive: bool) -> str:
-        """The body's framing line: its length, or for the head of a stream answered
-        to HEAD the framing the stream itself would use (chunked on HTTP/1.1)."""
-        if response.known_length:
-            return f"content-length: {len(response.body)}\r\n"
-        if keep_alive and self.h11.their_http_version != b"1.0":
-            return "transfer-encoding: chunked\r\n"
-        return ""
 
     def start_stream(self, status: int, headers: list[tuple[str, str]]) -> bool:
         """Send the head of a streamed response of unknown length (RFC 9112 section
@@ -519,17 +519,8 @@ class HTTPConnection:
         """Answer a refused request with ``Connection: close`` and close gracefully,
         reading (and dropping) what the client still sends for a moment so the answer
         is not lost to a reset (SERVER-NOTES.md section 1, "Bad requests")."""
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            body = json_bytes({"error": message})
-            headers = standard_headers() + [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]
-            with contextlib.suppress(h11.LocalProtocolError):
-                self.write(self.h11.send(h11.Response(
-                    status_code=status, headers=headers,
-                    reason=http.HTTPStatus(status).phrase.encode("ascii"))) + body)
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # nothing sent yet
+            self.write(_refusal(status, message))
         await self.linger()
 
     async def close(self) -> None:
