@@ -66,12 +66,15 @@ def floor(subscribers: int, rounds: int) -> dict:
             "disturbed": plain["disturbed"] or nodelay["disturbed"]}
 
 
-def floor_paced(clients: int, per_client: int, events: int, interval: float) -> dict:
+def floor_paced(clients: int, per_client: int, events: int, interval: float,
+                writer: str = "socket") -> dict:
     """The spread floor: ``events`` stamped frames, ``interval`` apart, from the floor
     loop to ``clients`` load-client processes of ``per_client`` WebSocket readers each
     (the paced case's shape): first-to-last spread and latency of a send loop, and
     how long the loop itself took per frame (``send``: first send to last), of which
-    on a CPU (``send_cpu``) and waiting for one (``send_waiting``)."""
+    on a CPU (``send_cpu``) and waiting for one (``send_waiting``). ``writer``:
+    ``socket`` (``sendall`` on blocking sockets) or ``asyncio`` (``transport.write``
+    on asyncio's transports, from an event loop)."""
     total = clients * per_client
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "--subscribers",
                              str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -86,7 +89,7 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float) -> 
         for group in groups:
             group.reset()
         window = CpuWindow(proc.pid, [pid for g in groups for pid in g.pids])
-        proc.stdin.write(f"pace {events} {interval}\n")
+        proc.stdin.write(f"pace {events} {interval}{' asyncio' * (writer == 'asyncio')}\n")
         proc.stdin.flush()
         sends = np.array(json.loads(proc.stdout.readline())["sends"])
         for group in groups:

@@ -15,13 +15,17 @@ its transports: each send is then its own TCP segment, where plain sockets let N
 merge the sends that follow an unacknowledged one. ``pace ROUNDS INTERVAL`` sends
 ROUNDS frames stamped with their emit time, INTERVAL seconds apart (the spread floor
 of the paced case), and prints ``{"messages", "sends"}``: per frame, its emit time,
-the time after its last send, and the CPU time and run-queue wait of the loop. ``quit``
-ends it.
+the time after its last send, and the CPU time and run-queue wait of the loop.
+``pace ROUNDS INTERVAL asyncio`` does the same through asyncio's own transports (the
+sockets handed to a selector event loop, each frame written with ``transport.write``):
+the spread floor of any server on asyncio's transports; it leaves the sockets to that
+loop, so it must be the last command. ``quit`` ends it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hashlib
 import json
@@ -112,6 +116,28 @@ def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     return {"messages": rounds * len(socks), "sends": sends}
 
 
+def pace_asyncio(socks: list[socket.socket], rounds: int, interval: float) -> dict:
+    """As ``pace``, through asyncio: the sockets become asyncio transports (which set
+    TCP_NODELAY) and each stamped frame is written with ``transport.write`` to every
+    one, ``interval`` seconds apart, from a running event loop."""
+    return asyncio.run(_pace_asyncio(socks, rounds, interval))
+
+
+async def _pace_asyncio(socks: list[socket.socket], rounds: int, interval: float) -> dict:
+    loop = asyncio.get_running_loop()
+    transports = [(await loop.connect_accepted_socket(asyncio.Protocol, sock))[0]
+                  for sock in socks]
+    sends = []
+    for seq in range(1, rounds + 1):
+        emit, cpu, waited = time.time(), time.thread_time(), run_queue_wait()
+        data = frame(seq, f"emit={emit:.6f} ")
+        for transport in transports:
+            transport.write(data)
+        sends.append([emit, time.time(), time.thread_time() - cpu, run_queue_wait() - waited])
+        await asyncio.sleep(interval)
+    return {"messages": rounds * len(socks), "sends": sends}
+
+
 def run_queue_wait() -> float:
     """Seconds this thread has spent runnable but waiting for a CPU (schedstat)."""
     with open("/proc/self/schedstat", "rb") as f:
@@ -134,7 +160,8 @@ def main() -> None:
         if not words or words[0] == "quit":
             break
         if words[0] == "pace":
-            print(json.dumps(pace(socks, int(words[1]), float(words[2]))), flush=True)
+            run = pace_asyncio if words[3:] == ["asyncio"] else pace
+            print(json.dumps(run(socks, int(words[1]), float(words[2]))), flush=True)
         if words[0] == "go":
             nodelay = words[2:] == ["nodelay"]
             print(json.dumps(send_loop(socks, int(words[1]), nodelay)), flush=True)

@@ -6,9 +6,11 @@ The core is wired as rawjobs/app.py wires it (EventHub with the store's seq
 reservation when durable, JobQueue, Worker with a ProcessPool), with a Registry that
 holds one async no-op job type. Each store is measured in two runs on a fresh store:
 
-- ``add`` then ``drain``: N jobs added with the worker stopped (``asyncio.gather`` in
-  batches of ``--batch`` concurrent adds): the add-only rate; then the worker starts
-  (``--concurrency`` slots) and runs them all: claims and finishes per second.
+- ``add`` then ``drain``: N jobs added with the worker stopped, by ``--producers``
+  tasks, each adding its share one job after another and giving the loop a turn
+  after each add, as keep-alive clients posting to the server do: the add-only
+  rate; then the worker starts (``--concurrency`` slots) and runs them all: claims
+  and finishes per second.
 - ``mixed``: the worker runs while the N jobs are added the same way: jobs per second
   from the first add to the last completion (and the add, claim and finish rates
   over that same wall time).
@@ -115,12 +117,21 @@ class Core:
         await self.queue.close()
 
 
-async def add_all(queue: JobQueue, n: int, batch: int) -> list[int]:
+async def add_all(queue: JobQueue, n: int, producers: int) -> list[int]:
+    """Add ``n`` jobs from ``producers`` tasks, each adding its share one job after
+    another and giving the loop a turn after each add, as keep-alive clients posting
+    to the server do (each connection's task adds one job per request). Returns the
+    new jobs' ids."""
     ids: list[int] = []
-    for start in range(0, n, batch):
-        created = await asyncio.gather(*(queue.create("noop", {})
-                                         for _ in range(min(batch, n - start))))
-        ids.extend(job.id for job, _ in created)
+
+    async def produce(count: int) -> None:
+        for _ in range(count):
+            job, _ = await queue.create("noop", {})
+            ids.append(job.id)
+            await asyncio.sleep(0)
+
+    share, extra = divmod(n, producers)
+    await asyncio.gather(*(produce(share + (i < extra)) for i in range(producers)))
     return ids
 
 
@@ -146,7 +157,7 @@ def cpu_per_job(n: int, cpu_s: float) -> float:
     return round(cpu_s / n * 1e6, 1)
 
 
-async def run_add_then_drain(name: str, store: Store, n: int, batch: int,
+async def run_add_then_drain(name: str, store: Store, n: int, producers: int,
                              concurrency: int, timeout: float) -> list[Result]:
     core = Core(store, concurrency, n)
     await core.start()
@@ -154,7 +165,7 @@ async def run_add_then_drain(name: str, store: Store, n: int, batch: int,
         gc.collect()
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ids = await add_all(core.queue, n, batch)
+        ids = await add_all(core.queue, n, producers)
         t_added = time.perf_counter()
         cpu_added = time.process_time()
         assert len(set(ids)) == n, "duplicate ids"
@@ -177,7 +188,7 @@ async def run_add_then_drain(name: str, store: Store, n: int, batch: int,
         await core.stop()
 
 
-async def run_mixed(name: str, store: Store, n: int, batch: int, concurrency: int,
+async def run_mixed(name: str, store: Store, n: int, producers: int, concurrency: int,
                     timeout: float) -> Result:
     core = Core(store, concurrency, n)
     await core.start()
@@ -186,7 +197,7 @@ async def run_mixed(name: str, store: Store, n: int, batch: int, concurrency: in
         gc.collect()
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ids = await add_all(core.queue, n, batch)
+        ids = await add_all(core.queue, n, producers)
         t_added = time.perf_counter()
         assert len(set(ids)) == n, "duplicate ids"
         await asyncio.wait_for(core.counter.done.wait(), timeout)
@@ -207,7 +218,7 @@ def make(name: str, workdir: Path, tag: str) -> Store:
     return SQLiteStore(str(workdir / f"bench-{tag}.db"))
 
 
-async def measure(stores: list[tuple[str, int]], batch: int, concurrency: int,
+async def measure(stores: list[tuple[str, int]], producers: int, concurrency: int,
                   timeout: float, runs: str = "both", repeat: int = 1) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="rawjobs-bench-") as tmp:
@@ -216,10 +227,11 @@ async def measure(stores: list[tuple[str, int]], batch: int, concurrency: int,
             for i in range(repeat):
                 if runs in ("both", "drain"):
                     results += await run_add_then_drain(
-                        name, make(name, workdir, f"drain{i}"), n, batch, concurrency, timeout)
+                        name, make(name, workdir, f"drain{i}"), n, producers, concurrency,
+                        timeout)
                 if runs in ("both", "mixed"):
                     results.append(await run_mixed(name, make(name, workdir, f"mixed{i}"), n,
-                                                   batch, concurrency, timeout))
+                                                   producers, concurrency, timeout))
     return results
 
 
@@ -251,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="jobs for the SQLite store (default %(default)s; 0 skips it)")
     parser.add_argument("--concurrency", type=int, default=100,
                         help="worker slots (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=500,
-                        help="adds in flight at once (default %(default)s)")
+    parser.add_argument("--producers", type=int, default=500,
+                        help="producer tasks adding jobs, one add in flight each "
+                             "(default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds allowed for one run to finish (default %(default)s)")
     parser.add_argument("--runs", choices=("both", "drain", "mixed"), default="both",
@@ -273,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         from rawjobs.app import tune_gc
 
         tune_gc()
-    results = asyncio.run(measure(stores, args.batch, args.concurrency, args.timeout,
+    results = asyncio.run(measure(stores, args.producers, args.concurrency, args.timeout,
                                   args.runs, args.repeat))
     print(f"queue throughput, in process, no-op async job type, concurrency "
-          f"{args.concurrency}, {args.batch} adds in flight, {args.gc} GC settings "
+          f"{args.concurrency}, {args.producers} producers, {args.gc} GC settings "
           f"(Python {platform.python_version()}, {platform.machine()})")
     print(table(results))
     if args.json:
-        doc = {"concurrency": args.concurrency, "batch": args.batch, "gc": args.gc,
+        doc = {"concurrency": args.concurrency, "producers": args.producers, "gc": args.gc,
                "python": platform.python_version(), "results": [asdict(r) for r in results]}
         text = json.dumps(doc, indent=2)
         if args.json == "-":

@@ -144,6 +144,7 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
                       f"the send loop itself took {_fmt(send)} ms (on a CPU {_fmt(cpu)} ms, "
                       f"waiting for one {_fmt(waiting)} ms) "
                       f"({variant['disturbed_runs']}/{len(variant['runs'])} runs disturbed)."]
+    lines += _asyncio_floor_lines(results)
     write = _median(results, "paced", "rawjobs", "server_write_p50_ms")
     if write is not None:
         cpu, waiting, after = (_median(results, "paced", "rawjobs", f"{key}_p50_ms") for key
@@ -155,6 +156,18 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
                       f"subscriber's receive time after that last write, p50 "
                       f"{_fmt(after)} ms."]
     return lines
+
+
+def _asyncio_floor_lines(results: dict) -> list[str]:
+    spread = _median(results, "floor-paced-asyncio", "-", "spread_p50_ms")
+    if spread is None:
+        return []
+    send, cpu = (_median(results, "floor-paced-asyncio", "-", f"{key}_p50_ms")
+                 for key in ("send", "send_cpu"))
+    return ["", f"Spread floor through asyncio: the same frames written with asyncio's "
+                f"`transport.write` from an event loop, no server code: spread p50 "
+                f"{_fmt(spread)} ms, the write loop {_fmt(send)} ms (on a CPU {_fmt(cpu)} "
+                f"ms)."]
 
 
 def _target_lines(results: dict) -> list[str]:
@@ -191,9 +204,11 @@ def targets(results: dict) -> list[dict]:
         out += _burst_targets(results, m, n)
     spread, peer_spread = m("paced", "spread_p50_ms"), m("paced", "spread_p50_ms", "peer")
     floor = _median(results, "floor-paced", "-", "spread_p50_ms")
+    asyncio_floor = _median(results, "floor-paced-asyncio", "-", "spread_p50_ms")
     out.append(_check("paced spread p50 ≤ 1/4 of the peer's",
                       f"{_fmt(spread)} ms vs {_fmt(peer_spread)} ms (spread floor "
-                      f"{_fmt(floor)} ms)",
+                      f"{_fmt(floor)} ms; through asyncio's transports "
+                      f"{_fmt(asyncio_floor)} ms)",
                       None if spread is None or not peer_spread else spread <= peer_spread / 4))
     p99 = m("stats-10000", "stats_p99_ms")
     out.append(_check("GET /api/stats p99 < 50 ms during a fan-out to 10,000",
