@@ -156,7 +156,7 @@ class App:
 
     async def handle(self, request: Request) -> Response | Takeover:
         """Access checks (Host, token), then the route table."""
-        if not self._host_allowed(request.header("host")):
+        if not self._host_allowed(request.host()):
             return error_response(400, "Host not allowed")
         if self.settings.token and request.path.startswith(("/api/", "/ws/")):
             if not self._token_ok(request):

@@ -54,6 +54,22 @@ def test_host_header_must_name_this_server(start_server):
         assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
 
 
+def test_absolute_form_target_is_served_by_its_authority(start_server):
+    """RFC 9112 section 3.2.2: a server must accept an absolute-form target, and
+    then use its authority in place of the Host field."""
+    port = start_server().port
+    status, body = raw_get(port, f"http://127.0.0.1:{port}/api/stats", "evil.example")
+    assert status == 200 and "queue" in json.loads(body)
+    status, body = raw_get(port, f"HTTP://LOCALHOST:{port}/api/jobs?limit=1")
+    assert status == 200 and json.loads(body) == []
+    assert raw_get(port, f"http://127.0.0.1:{port}")[0] == 200  # empty path: "/"
+    assert raw_get(port, f"http://127.0.0.1:{port}/api/nope")[0] == 404
+    for target in ("http://evil.example/api/stats", f"http://user@127.0.0.1:{port}/",
+                   "http:///api/stats"):
+        status, body = raw_get(port, target)
+        assert status == 400 and json.loads(body) == {"error": "Host not allowed"}, target
+
+
 # -- 6. token -------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ checks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import resource
@@ -328,6 +329,22 @@ def test_unknown_transfer_coding_is_refused(shared):
     out = exchange(shared.port, request)
     assert statuses(out) == [501]
     assert b"countdown" not in out
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="http2-preface"),
+    pytest.param(b"GET /api/stats HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n", id="http3"),
+    pytest.param(b"GET /api/stats HTTP/0.9\r\nHost: 127.0.0.1\r\n\r\n", id="http09"),
+])
+def test_other_major_versions_get_one_505(shared, request_bytes):
+    """RFC 9110 section 15.6.6: one 505 for a major version other than 1, then the
+    connection closes (nothing after it, such as the HTTP/2 preface's rest, is read
+    as a request)."""
+    out = exchange(shared.port, request_bytes + STATS)
+    assert statuses(out) == [505]
+    assert b"connection: close" in out.lower()
+    assert json.loads(out.partition(b"\r\n\r\n")[2]) == {
+        "error": "HTTP version not supported"}
 
 
 def test_no_request_after_connection_close(shared):

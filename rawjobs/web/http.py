@@ -7,6 +7,7 @@ the connection from then on (an SSE stream, a WebSocket).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
@@ -14,13 +15,19 @@ from urllib.parse import parse_qs
 if TYPE_CHECKING:
     from .server import HTTPConnection
 
+_ABSOLUTE_FORM = re.compile(r"https?://([^/?#]*)([^#]*)", re.IGNORECASE)
+"""An absolute-form request target (RFC 9112 section 3.2.2): authority, then the
+path and query (either may be empty)."""
+
 
 @dataclass
 class Request:
     """One HTTP request. ``headers`` are ``(name, value)`` byte pairs with lower-case
     names, as h11 gives them; ``path`` is the raw (still percent-encoded) path of the
     target; ``query`` maps each query parameter to its values; ``body`` is the whole
-    body (bytes, at most the server's body limit)."""
+    body (bytes, at most the server's body limit). ``target`` is in origin-form
+    (path and query); ``authority`` is the host of an absolute-form target, else
+    None."""
 
     method: str
     target: str
@@ -31,15 +38,32 @@ class Request:
     body: bytes = b""
     client: tuple[str, int] | None = None
     path_params: dict[str, str] = field(default_factory=dict)
+    authority: str | None = None
 
     @classmethod
     def from_target(cls, method: str, target: str, headers: list[tuple[bytes, bytes]],
                     http_version: str, client: tuple[str, int] | None) -> Request:
+        """The request for a request-target as sent. An absolute-form target
+        (``http://host:port/path?query``), which a server must accept (RFC 9112
+        section 3.2.2), becomes its path and query (``/`` for an empty path) and
+        keeps its authority apart."""
+        authority = None
+        if target[:1] != "/":
+            absolute = _ABSOLUTE_FORM.fullmatch(target)
+            if absolute is not None:
+                authority, rest = absolute.groups()
+                target = rest if rest[:1] == "/" else "/" + rest
         path, _, query = target.partition("?")
         return cls(method=method, target=target, path=path,
                    query=parse_qs(query, keep_blank_values=True) if query else {},
-                   headers=headers,
-                   http_version=http_version, client=client)
+                   headers=headers, http_version=http_version, client=client,
+                   authority=authority)
+
+    def host(self) -> str | None:
+        """The host the request is for: an absolute-form target's authority, which
+        replaces the Host field (RFC 9112 section 3.2.2), else the Host field's
+        value; None when there is neither (HTTP/1.0)."""
+        return self.authority if self.authority is not None else self.header("host")
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), decoded as Latin-1."""

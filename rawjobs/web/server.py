@@ -54,6 +54,7 @@ _FAULT_MESSAGES = {
     413: "Request body too large",
     431: "Request header fields too large",
     501: "Transfer-Encoding not supported",
+    505: "HTTP version not supported",
 }
 
 
@@ -322,6 +323,8 @@ class HTTPConnection:
                 return None
             if not isinstance(event, h11.Request):
                 raise ProtocolFault(400, "Malformed request")
+            if not event.http_version.startswith(b"1."):  # HTTP/2's preface, 0.9, 3.0
+                raise ProtocolFault(505, _FAULT_MESSAGES[505])  # RFC 9110 section 15.6.6
             self._check_raw_head()
         finally:
             self._head = bytearray()

@@ -121,7 +121,7 @@ def handshake_problem(request: Request, config: WebSocketConfig) -> Response | N
     if not valid_key:
         return error_response(400, "Missing or invalid Sec-WebSocket-Key")
     origin = request.header("origin")
-    if origin is not None and not _origin_allowed(origin, request.header("host"),
+    if origin is not None and not _origin_allowed(origin, request.host(),
                                                   config.allowed_origins):
         return error_response(403, "Origin not allowed")
     return None
