@@ -347,6 +347,35 @@ def test_other_major_versions_get_one_505(shared, request_bytes):
         "error": "HTTP version not supported"}
 
 
+@pytest.mark.parametrize("first", [
+    pytest.param(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: foo\r\n"
+                 b"Connection: close\r\n\r\n", id="upgrade-close"),
+    pytest.param(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: h2c\r\n"
+                 b"Connection: Upgrade, close\r\n\r\n", id="upgrade-list-close"),
+    pytest.param(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Connection: close\r\n\r\n", id="connect-close"),
+    pytest.param(b"GET /api/stats HTTP/1.0\r\nUpgrade: foo\r\n\r\n", id="upgrade-http10"),
+])
+def test_declined_upgrade_keeps_connection_close(shared, first):
+    """RFC 9112 sections 9.3 and 9.6: after a request with ``close`` (or an HTTP/1.0
+    one), nothing more is read, an Upgrade or CONNECT not accepted included."""
+    out = exchange(shared.port, first + SMUGGLED)
+    assert len(statuses(out)) == 1
+    assert b"connection: close" in out.lower()
+    assert b"countdown" not in out
+
+
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_later_minor_versions_are_served_as_11(shared, version):
+    """RFC 9110 section 2.5: served as HTTP/1.1, which needs a Host field (RFC 9112
+    section 3.2)."""
+    out = exchange(shared.port, b"GET /api/stats HTTP/" + version + b"\r\n\r\n")
+    assert statuses(out) == [400]
+    out = exchange(shared.port, STATS.replace(b"HTTP/1.1", b"HTTP/" + version) + STATS,
+                   half_close=True)
+    assert statuses(out) == [200, 200]
+
+
 def test_no_request_after_connection_close(shared):
     first = b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     out = exchange(shared.port, first + SMUGGLED + SMUGGLED)

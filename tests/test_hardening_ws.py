@@ -239,7 +239,37 @@ def test_refused_handshake_is_plain_http_and_connection_goes_on(shared, headers,
         assert second.startswith(b"HTTP/1.1 200 ") and b'"queue"' in second
 
 
-@pytest.mark.parametrize("origin", ["http://dash.example", "http://127.0.0.1:{port}"])
+def test_handshake_over_http_10_is_refused(shared):
+    """RFC 6455 section 4.2.1: the opening handshake is an HTTP/1.1 (or later) GET."""
+    request = handshake(shared.port).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as sock:
+        sock.sendall(request)
+        out = b""
+        while chunk := sock.recv(65536):  # HTTP/1.0: the server closes after it
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 400 ") and b"needs HTTP/1.1" in out
+
+
+def test_101_has_its_reason_phrase(shared):
+    ws = RawWS(shared.port)
+    try:
+        assert ws.head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    finally:
+        ws.close()
+
+
+def test_origin_and_host_compare_in_any_case(shared):
+    """An Origin naming the request's own host in another case is that host (RFC
+    6454 section 4, RFC 3986 section 3.2.2)."""
+    port = shared.port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(handshake(port, f"Host: localhost:{port}\r\n"
+                                     f"Origin: http://LOCALHOST:{port}\r\n"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize("origin", ["http://dash.example", "http://127.0.0.1:{port}",
+                                    "HTTP://Dash.Example"])
 async def test_allowed_origins_are_accepted(shared, origin):
     origin = origin.format(port=shared.port)
     async with ws_connect(shared.ws_url, origin=origin) as ws:

@@ -190,6 +190,13 @@ class HTTPServer:
             writer.close()
 
 
+def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request has a Host field, which HTTP/1.1 requires (RFC 9112 section
+    3.2). h11 checks it on 1.1 requests only; a later 1.x minor version is served
+    as 1.1 (RFC 9110 section 2.5), so it needs one too."""
+    return any(name == b"host" for name, _ in headers)
+
+
 def _refusal(status: int, message: str) -> bytes:
     """A complete ``Connection: close`` error response (no request was read)."""
     response = error_response(status, message)
@@ -278,7 +285,7 @@ class HTTPConnection:
                 self._stop_timer()
                 await result.serve(self)
                 return
-            keep_alive = self._keep_alive()
+            keep_alive = self._keep_alive(request)
             await self.send_response(result, request.method == "HEAD", keep_alive)
             if not keep_alive:
                 return
@@ -292,14 +299,19 @@ class HTTPConnection:
             log.exception("handler failed: %s %s", request.method, request.path)
             return error_response(500, "Internal server error")
 
-    def _keep_alive(self) -> bool:
+    def _keep_alive(self, request: Request) -> bool:
         """Whether the connection serves another request after this response: the
         whole request was read, the client keeps the connection (HTTP/1.1 without
         ``Connection: close``, RFC 9112 section 9.3), and we are not closing. A
-        declined upgrade (``MIGHT_SWITCH_PROTOCOL``) is answered like any request."""
+        declined upgrade or a CONNECT (``MIGHT_SWITCH_PROTOCOL``) is answered like
+        any request; h11 then leaves the close decision to us, made on the request."""
         if self._close_when_idle or self.server.closing:
             return False
-        return self.h11.their_state in (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+        state = self.h11.their_state
+        if state is h11.MIGHT_SWITCH_PROTOCOL:
+            return request.http_version != "1.0" and "close" not in (
+                token.lower() for token in request.header_values("connection"))
+        return state is h11.DONE
 
     def _next_cycle(self) -> None:
         """Start the next request cycle after a hand-written response: a fresh h11
@@ -325,6 +337,8 @@ class HTTPConnection:
                 raise ProtocolFault(400, "Malformed request")
             if not event.http_version.startswith(b"1."):  # HTTP/2's preface, 0.9, 3.0
                 raise ProtocolFault(505, _FAULT_MESSAGES[505])  # RFC 9110 section 15.6.6
+            if event.http_version > b"1.1" and not _has_host(event.headers):
+                raise ProtocolFault(400, "Bad request")  # served as 1.1: Host is a must
             self._check_raw_head()
         finally:
             self._head = bytearray()

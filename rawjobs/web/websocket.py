@@ -90,22 +90,30 @@ class WebSocketConfig:
 
 
 def _origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> bool:
-    if origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+    """Whether ``origin`` is one of ``allowed`` or names the request's own host.
+    Schemes and host names compare in any case (RFC 6454 section 4, RFC 3986
+    section 3.2.2)."""
+    origin = origin.rstrip("/").lower()
+    if origin in {o.rstrip("/").lower() for o in allowed}:
         return True
     try:
         parts = urlsplit(origin)
     except ValueError:  # e.g. "http://[::1"
         return False
-    return parts.scheme in ("http", "https") and host is not None and parts.netloc == host
+    return parts.scheme in ("http", "https") and host is not None and (
+        parts.netloc == host.lower())
 
 
 def handshake_problem(request: Request, config: WebSocketConfig) -> Response | None:
     """Why this upgrade request cannot be accepted, as the response to send, or None.
 
-    400 for a malformed handshake (method, Upgrade/Connection headers, key), 426 with
-    ``Sec-WebSocket-Version: 13`` for another version, 403 for a disallowed Origin."""
+    400 for a malformed handshake (method, HTTP version, Upgrade/Connection headers,
+    key), 426 with ``Sec-WebSocket-Version: 13`` for another version, 403 for a
+    disallowed Origin (RFC 6455 section 4.2.1)."""
     if request.method != "GET":
         return error_response(400, "WebSocket handshake must be a GET request")
+    if request.http_version == "1.0":
+        return error_response(400, "WebSocket handshake needs HTTP/1.1")
     if "websocket" not in [v.lower() for v in request.header_values("upgrade")]:
         return error_response(400, "Missing 'Upgrade: websocket' header")
     if "upgrade" not in [v.lower() for v in request.header_values("connection")]:
@@ -208,11 +216,11 @@ class WebSocket:
     async def serve(self, conn: HTTPConnection) -> None:
         self.conn = conn
         self.transport = conn.transport
-        conn.write(conn.h11.send(h11.InformationalResponse(status_code=101, headers=[
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", generate_accept_token(self.key.encode("ascii"))),
-        ])))
+        accept = generate_accept_token(self.key.encode("ascii"))
+        conn.write(conn.h11.send(h11.InformationalResponse(
+            status_code=101, reason=b"Switching Protocols",
+            headers=[(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+                     (b"sec-websocket-accept", accept)])))
         self.wsproto = Connection(ConnectionType.SERVER, trailing_data=conn.h11.trailing_data[0])
         self.sockets._register(self)
         try:
