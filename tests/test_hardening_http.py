@@ -376,6 +376,22 @@ def test_later_minor_versions_are_served_as_11(shared, version):
     assert statuses(out) == [200, 200]
 
 
+def test_empty_lines_before_a_request_line_are_ignored(shared):
+    """RFC 9112 section 2.2: a server SHOULD ignore at least one empty line before a
+    request line (some clients send CRLF after a POST body)."""
+    body = b'{"job_type": "echo", "params": {"message": "crlf"}}'
+    out = exchange(shared.port, b"\r\n\n" + STATS + post("/api/jobs", body) + b"\r\n"
+                   + STATS, half_close=True)
+    assert statuses(out) == [200, 201, 200]
+    with socket.create_connection(("127.0.0.1", shared.port), timeout=5) as sock:
+        for _ in range(3):  # each in a packet of its own, the connection kept
+            sock.sendall(b"\r\n")
+            time.sleep(0.05)
+        sock.sendall(STATS)
+        sock.settimeout(5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
 def test_no_request_after_connection_close(shared):
     first = b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     out = exchange(shared.port, first + SMUGGLED + SMUGGLED)

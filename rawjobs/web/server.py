@@ -318,6 +318,7 @@ class HTTPConnection:
         state machine fed with what the client sent beyond this request (pipelined
         bytes, and its end of stream if it half-closed)."""
         pending, closed = self.h11.trailing_data
+        pending = pending.lstrip(b"\r\n")  # empty lines before the next request line
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         if pending:
             self.h11.receive_data(pending)
@@ -419,6 +420,11 @@ class HTTPConnection:
                 if first and not got_bytes:
                     return None
                 raise ProtocolFault(408, "Request took too long to arrive")
+            if first and data and not self._head:
+                # Empty lines before a request line are ignored (RFC 9112 section 2.2).
+                data = data.lstrip(b"\r\n")
+                if not data:
+                    continue
             if first and data:
                 if not got_bytes:
                     got_bytes = True
