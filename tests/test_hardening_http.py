@@ -390,6 +390,9 @@ def test_empty_lines_before_a_request_line_are_ignored(shared):
         sock.sendall(STATS)
         sock.settimeout(5)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # A bare CR is not an empty line (RFC 9112 section 2.2): the request is malformed.
+    assert statuses(exchange(shared.port, b"\r" + STATS)) == [400]
+    assert statuses(exchange(shared.port, STATS + b"\r\r\n" + STATS)) == [200, 400]
 
 
 def test_no_request_after_connection_close(shared):

@@ -45,6 +45,9 @@ _BAD_FIELD = re.compile(r"[\r\n\x00]")
 # h11's own end-of-head pattern (h11/_receivebuffer.py), so that our view of where a
 # head ends agrees with the parser's.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+# Empty lines (CRLF, or a lone LF) a server skips before a request line (RFC 9112
+# section 2.2); a bare CR is not one.
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 # What a client is told when h11 rejects its request: fixed sentences, never the
 # exception text (issue 5, point 7).
@@ -318,7 +321,7 @@ class HTTPConnection:
         state machine fed with what the client sent beyond this request (pipelined
         bytes, and its end of stream if it half-closed)."""
         pending, closed = self.h11.trailing_data
-        pending = pending.lstrip(b"\r\n")  # empty lines before the next request line
+        pending = pending[_EMPTY_LINES.match(pending).end():]  # before a request line
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         if pending:
             self.h11.receive_data(pending)
@@ -422,7 +425,7 @@ class HTTPConnection:
                 raise ProtocolFault(408, "Request took too long to arrive")
             if first and data and not self._head:
                 # Empty lines before a request line are ignored (RFC 9112 section 2.2).
-                data = data.lstrip(b"\r\n")
+                data = data[_EMPTY_LINES.match(data).end():]
                 if not data:
                     continue
             if first and data:
