@@ -5,6 +5,7 @@ connection. Raw sockets where a client library would hide the wire."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -129,6 +130,19 @@ def test_head_timeout_still_ends_a_slow_head(short_keepalive):
         out = read_until_closed(sock)
         waited = time.monotonic() - started
     assert statuses(out) == [408]
+    assert 4 < waited < 8
+
+
+def test_pipelined_partial_head_has_the_head_timeout(short_keepalive):
+    """A head begun in the packet of the request before it is a head, not an idle
+    connection: it gets the 5 s head timeout and a 408, not a quiet close after the
+    0.5 s keep-alive timeout."""
+    with socket.create_connection(("127.0.0.1", short_keepalive.port), timeout=10) as sock:
+        sock.sendall(_stats(short_keepalive.port) + b"GET /api/stats HTTP/1.1\r\n")
+        started = time.monotonic()
+        out = read_until_closed(sock)
+        waited = time.monotonic() - started
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"408"]  # body, then head
     assert 4 < waited < 8
 
 

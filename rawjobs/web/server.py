@@ -405,9 +405,13 @@ class HTTPConnection:
     async def _next_event(self, timeout: float, first: bool = False) -> h11.Event | None:
         """The next h11 event. ``first``: waiting for a new request, where running out
         of ``timeout`` with nothing received closes quietly (None), and a started head
-        has ``head_timeout`` from its first byte to complete (408)."""
+        has ``head_timeout`` from its first byte to complete (408); a head begun in
+        bytes pipelined behind the last request, from the start of its cycle."""
         deadline = time.monotonic() + timeout
         got_bytes = False
+        if first and self._head:  # a head begun with the last request (pipelined)
+            got_bytes = True
+            deadline = time.monotonic() + self.limits.head_timeout
         while True:
             try:
                 event = self.h11.next_event()
