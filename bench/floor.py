@@ -33,6 +33,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 FRAME_SIZE = 250
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -105,13 +106,14 @@ def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     first-to-last spread of the send loop plus the load client's reading."""
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sends = []
-    for seq in range(1, rounds + 1):
-        emit, cpu, waited = time.time(), time.thread_time(), run_queue_wait()
-        data = frame(seq, f"emit={emit:.6f} ")
+
+    def send_all(data: bytes) -> None:
         for sock in socks:
             sock.sendall(data)
-        sends.append([emit, time.time(), time.thread_time() - cpu, run_queue_wait() - waited])
+
+    sends = []
+    for seq in range(1, rounds + 1):
+        sends.append(paced_send(seq, send_all))
         time.sleep(interval)
     return {"messages": rounds * len(socks), "sends": sends}
 
@@ -127,15 +129,24 @@ async def _pace_asyncio(socks: list[socket.socket], rounds: int, interval: float
     loop = asyncio.get_running_loop()
     transports = [(await loop.connect_accepted_socket(asyncio.Protocol, sock))[0]
                   for sock in socks]
-    sends = []
-    for seq in range(1, rounds + 1):
-        emit, cpu, waited = time.time(), time.thread_time(), run_queue_wait()
-        data = frame(seq, f"emit={emit:.6f} ")
+
+    def write_all(data: bytes) -> None:
         for transport in transports:
             transport.write(data)
-        sends.append([emit, time.time(), time.thread_time() - cpu, run_queue_wait() - waited])
+
+    sends = []
+    for seq in range(1, rounds + 1):
+        sends.append(paced_send(seq, write_all))
         await asyncio.sleep(interval)
     return {"messages": rounds * len(socks), "sends": sends}
+
+
+def paced_send(seq: int, write: Callable[[bytes], None]) -> list[float]:
+    """Frame ``seq`` stamped with its emit time, handed to ``write``: ``[emit time,
+    time after the write, CPU seconds, seconds waiting for a CPU]``."""
+    emit, cpu, waited = time.time(), time.thread_time(), run_queue_wait()
+    write(frame(seq, f"emit={emit:.6f} "))
+    return [emit, time.time(), time.thread_time() - cpu, run_queue_wait() - waited]
 
 
 def run_queue_wait() -> float:
