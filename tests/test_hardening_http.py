@@ -347,6 +347,20 @@ def test_other_major_versions_get_one_505(shared, request_bytes):
         "error": "HTTP version not supported"}
 
 
+@pytest.mark.parametrize("target", [b"api/stats", b"/api/stats#top", b"*",
+                                    b"ftp://127.0.0.1/api/stats",
+                                    b"http://127.0.0.1/api/stats#top"])
+def test_invalid_request_target_is_400(shared, target):
+    """RFC 9112 section 3: a target in none of the four forms of section 3.2 (a
+    fragment, no leading slash, ``*`` outside OPTIONS, another scheme) is a bad
+    request, not a missing resource."""
+    out = exchange(shared.port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert statuses(out) == [400]
+    out = exchange(shared.port, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + STATS,
+                   half_close=True)
+    assert statuses(out)[1:] == [200] and statuses(out)[0] != 400
+
+
 @pytest.mark.parametrize("first", [
     pytest.param(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: foo\r\n"
                  b"Connection: close\r\n\r\n", id="upgrade-close"),

@@ -200,6 +200,19 @@ def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name == b"host" for name, _ in headers)
 
 
+def _valid_target(request: Request) -> bool:
+    """Whether the request-target has one of its four forms (RFC 9112 section 3.2):
+    origin-form (an absolute-form one is already reduced to it), asterisk-form for
+    OPTIONS, authority-form for CONNECT. No form holds a fragment. An invalid one
+    gets 400 (RFC 9112 section 3)."""
+    if "#" in request.target:
+        return False
+    if request.path[:1] == "/":
+        return True
+    return request.method == "CONNECT" or (request.method == "OPTIONS"
+                                           and request.target == "*")
+
+
 def _refusal(status: int, message: str) -> bytes:
     """A complete ``Connection: close`` error response (no request was read)."""
     response = error_response(status, message)
@@ -351,6 +364,8 @@ class HTTPConnection:
             event.method.decode("ascii"), event.target.decode("latin-1"),
             list(event.headers), event.http_version.decode("ascii"), self.client,
         )
+        if not _valid_target(request):
+            raise ProtocolFault(400, "Bad request")
         self._check_framing(request)
         request.body = await self._read_body(request)
         return request
