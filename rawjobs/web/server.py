@@ -442,7 +442,7 @@ class HTTPConnection:
                 if first and not got_bytes:
                     return None
                 raise ProtocolFault(408, "Request took too long to arrive")
-            if first and data and not self._head:
+            if first and data[:1] in (b"\r", b"\n") and not self._head:
                 # Empty lines before a request line are ignored (RFC 9112 section 2.2).
                 data = data[_EMPTY_LINES.match(data).end():]
                 if not data:
