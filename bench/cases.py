@@ -73,8 +73,9 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float,
     (the paced case's shape): first-to-last spread and latency of a send loop, and
     how long the loop itself took per frame (``send``: first send to last), of which
     on a CPU (``send_cpu``) and waiting for one (``send_waiting``). ``writer``:
-    ``socket`` (``sendall`` on blocking sockets) or ``asyncio`` (``transport.write``
-    on asyncio's transports, from an event loop)."""
+    ``socket`` (``sendall`` on blocking sockets), ``threads`` (the same from two
+    threads at once) or ``asyncio`` (``transport.write`` on asyncio's transports,
+    from an event loop)."""
     total = clients * per_client
     proc = subprocess.Popen([sys.executable, str(BENCH / "floor.py"), "--subscribers",
                              str(total)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -89,7 +90,7 @@ def floor_paced(clients: int, per_client: int, events: int, interval: float,
         for group in groups:
             group.reset()
         window = CpuWindow(proc.pid, [pid for g in groups for pid in g.pids])
-        proc.stdin.write(f"pace {events} {interval}{' asyncio' * (writer == 'asyncio')}\n")
+        proc.stdin.write(f"pace {events} {interval} {writer}\n")
         proc.stdin.flush()
         sends = np.array(json.loads(proc.stdout.readline())["sends"])
         for group in groups:

@@ -45,10 +45,11 @@ def _clocks() -> tuple[float, float, float]:
     return time.time(), time.thread_time(), waited
 
 
-def _write(self: fanout.Fanout, op: fanout._Broadcast, count: int) -> int:
+def _write(self: fanout.Fanout, op: fanout._Broadcast, count: int,
+           writer: fanout.SocketWriter | None = None) -> int:
     probe = op.probe
     started = _clocks()
-    written = _original_write(self, op, count)
+    written = _original_write(self, op, count, writer)
     ended = _clocks()
     if not probe["slices"]:
         probe["first"], probe["cpu_first"], probe["wait_first"] = started

@@ -19,7 +19,10 @@ the time after its last send, and the CPU time and run-queue wait of the loop.
 ``pace ROUNDS INTERVAL asyncio`` does the same through asyncio's own transports (the
 sockets handed to a selector event loop, each frame written with ``transport.write``):
 the spread floor of any server on asyncio's transports; it leaves the sockets to that
-loop, so it must be the last command. ``quit`` ends it.
+loop, so it must be the last command. ``pace ROUNDS INTERVAL threads`` sends from
+this thread and one more at once, each taking 8 sockets at a time (as rawjobs'
+``--fanout-threads 1`` does): the spread floor with two cores writing. ``quit``
+ends it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import resource
 import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 FRAME_SIZE = 250
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -118,6 +123,34 @@ def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     return {"messages": rounds * len(socks), "sends": sends}
 
 
+def pace_threads(socks: list[socket.socket], rounds: int, interval: float) -> dict:
+    """As ``pace``, with a second thread sending at the same time: both take 8
+    sockets at a time from the same list until none are left."""
+    for sock in socks:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send_chunks(data: bytes, chunks: itertools.count) -> None:
+        for chunk in chunks:
+            part = socks[chunk * 8:(chunk + 1) * 8]
+            if not part:
+                return
+            for sock in part:
+                sock.sendall(data)
+
+    with ThreadPoolExecutor(1) as pool:
+        def send_all(data: bytes) -> None:
+            chunks = itertools.count()
+            other = pool.submit(send_chunks, data, chunks)
+            send_chunks(data, chunks)
+            other.result()
+
+        sends = []
+        for seq in range(1, rounds + 1):
+            sends.append(paced_send(seq, send_all))
+            time.sleep(interval)
+    return {"messages": rounds * len(socks), "sends": sends}
+
+
 def pace_asyncio(socks: list[socket.socket], rounds: int, interval: float) -> dict:
     """As ``pace``, through asyncio: the sockets become asyncio transports (which set
     TCP_NODELAY) and each stamped frame is written with ``transport.write`` to every
@@ -171,7 +204,8 @@ def main() -> None:
         if not words or words[0] == "quit":
             break
         if words[0] == "pace":
-            run = pace_asyncio if words[3:] == ["asyncio"] else pace
+            run = {"asyncio": pace_asyncio, "threads": pace_threads}.get(
+                words[3] if len(words) > 3 else "", pace)
             print(json.dumps(run(socks, int(words[1]), float(words[2]))), flush=True)
         if words[0] == "go":
             nodelay = words[2:] == ["nodelay"]

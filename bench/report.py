@@ -159,15 +159,22 @@ def _floor_lines(results: dict, pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def _asyncio_floor_lines(results: dict) -> list[str]:
+    lines = []
+    spread = _median(results, "floor-paced-threads", "-", "spread_p50_ms")
+    if spread is not None:
+        send = _median(results, "floor-paced-threads", "-", "send_p50_ms")
+        lines += ["", f"Spread floor with two cores writing: the same loop, this thread and "
+                      f"a second one sending at once: spread p50 {_fmt(spread)} ms, the send "
+                      f"loop {_fmt(send)} ms."]
     spread = _median(results, "floor-paced-asyncio", "-", "spread_p50_ms")
-    if spread is None:
-        return []
-    send, cpu = (_median(results, "floor-paced-asyncio", "-", f"{key}_p50_ms")
-                 for key in ("send", "send_cpu"))
-    return ["", f"Spread floor through asyncio: the same frames written with asyncio's "
-                f"`transport.write` from an event loop, no server code: spread p50 "
-                f"{_fmt(spread)} ms, the write loop {_fmt(send)} ms (on a CPU {_fmt(cpu)} "
-                f"ms)."]
+    if spread is not None:
+        send, cpu = (_median(results, "floor-paced-asyncio", "-", f"{key}_p50_ms")
+                     for key in ("send", "send_cpu"))
+        lines += ["", f"Spread floor through asyncio: the same frames written with asyncio's "
+                      f"`transport.write` from an event loop, no server code: spread p50 "
+                      f"{_fmt(spread)} ms, the write loop {_fmt(send)} ms (on a CPU "
+                      f"{_fmt(cpu)} ms)."]
+    return lines
 
 
 def _target_lines(results: dict) -> list[str]:
@@ -205,10 +212,11 @@ def targets(results: dict) -> list[dict]:
     spread, peer_spread = m("paced", "spread_p50_ms"), m("paced", "spread_p50_ms", "peer")
     floor = _median(results, "floor-paced", "-", "spread_p50_ms")
     asyncio_floor = _median(results, "floor-paced-asyncio", "-", "spread_p50_ms")
+    threads_floor = _median(results, "floor-paced-threads", "-", "spread_p50_ms")
     out.append(_check("paced spread p50 ≤ 1/4 of the peer's",
                       f"{_fmt(spread)} ms vs {_fmt(peer_spread)} ms (spread floor "
-                      f"{_fmt(floor)} ms; through asyncio's transports "
-                      f"{_fmt(asyncio_floor)} ms)",
+                      f"{_fmt(floor)} ms, two threads sending {_fmt(threads_floor)} ms; "
+                      f"through asyncio's transports {_fmt(asyncio_floor)} ms)",
                       None if spread is None or not peer_spread else spread <= peer_spread / 4))
     p99 = m("stats-10000", "stats_p99_ms")
     out.append(_check("GET /api/stats p99 < 50 ms during a fan-out to 10,000",

@@ -73,8 +73,8 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
         steps.append(Step("stats-10000", cases.burst, {"subscribers": 10000, "jobs": 10,
                                                        "events": 1, "concurrency": 10},
                           variants, repeats=1))
-    for writer in ("socket", "asyncio"):
-        steps.append(Step("floor-paced" if writer == "socket" else "floor-paced-asyncio",
+    for writer in ("socket", "threads", "asyncio"):
+        steps.append(Step("floor-paced" if writer == "socket" else f"floor-paced-{writer}",
                           cases.floor_paced,
                           {"clients": 1, "per_client": 2000, "events": 5 if quick else 10,
                            "interval": 0.1, "writer": writer}))

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from .app import LOOPBACK_HOSTS, Settings, serve
+from .app import LOOPBACK_HOSTS, Settings, default_fanout_threads, serve
 from .core.jobs import JobTypeError
 from .web.server import Limits
 from .web.websocket import WebSocketConfig
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--fanout-slice", type=_positive, default=256, metavar="N",
       help="subscribers one event is written to before other work gets a turn "
            "(default %(default)s)")
+    a("--fanout-threads", type=_non_negative, default=None, metavar="N",
+      help="threads besides the event loop's that write one event to a large channel's "
+           "subscribers, 0 for none (default: 1 when 2 or more CPUs are available)")
     a("--max-head-size", type=int, default=16 * 1024, metavar="BYTES",
       help="request line plus headers, 431 past it (default %(default)s)")
     a("--max-body-size", type=int, default=1024 * 1024, metavar="BYTES",
@@ -108,6 +111,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         jobs=args.jobs, grace=args.grace, keep_finished=args.keep_finished,
         max_pending=args.max_pending, max_subscriber_buffer=args.max_subscriber_buffer,
         fanout_slice=args.fanout_slice,
+        fanout_threads=(default_fanout_threads() if args.fanout_threads is None
+                        else args.fanout_threads),
         sse_keepalive=args.sse_keepalive, static_dir=args.static_dir,
         limits=Limits(max_head=args.max_head_size, max_body=args.max_body_size,
                       head_timeout=args.head_timeout,

@@ -34,6 +34,7 @@ from .core.store.base import SharedStore, Store
 from .core.store.memory import MemoryStore
 from .core.store.sqlite import SQLiteStore
 from .core.worker import Worker
+from .web.fanout import SocketWriter
 from .web.http import Request, Response, Takeover, error_response
 from .web.routing import Router, route
 from .web.server import HTTPServer, Limits
@@ -43,6 +44,12 @@ from .web.websocket import WebSocketConfig, WebSockets
 log = logging.getLogger("rawjobs")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 _HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::[0-9]{1,5})?")  # RFC 9110 7.2
+
+
+def default_fanout_threads() -> int:
+    """Fan-out threads besides the event loop's: one when this process may use two
+    CPUs or more, else none (see rawjobs.web.fanout.SocketWriter)."""
+    return 1 if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Settings:
     max_pending: int = 100_000
     max_subscriber_buffer: int = 256 * 1024
     fanout_slice: int = 256
+    fanout_threads: int = field(default_factory=default_fanout_threads)
     sse_keepalive: float = 15.0
     limits: Limits = field(default_factory=Limits)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
@@ -121,12 +129,13 @@ class App:
                              concurrency=settings.concurrency)
         self.sockets = WebSockets(settings.websocket)
         buffer = settings.max_subscriber_buffer
+        self.writer = SocketWriter(settings.fanout_threads)
         self.rest = RestAPI(self.queue, self.worker, self.registry)
         self.progress = ProgressStreams(self.queue, self.hub, buffer,
                                         keepalive=settings.sse_keepalive,
-                                        slice_size=settings.fanout_slice)
+                                        slice_size=settings.fanout_slice, writer=self.writer)
         self.feed = QueueFeed(self.queue, self.worker, self.registry, self.hub, self.sockets,
-                              buffer, slice_size=settings.fanout_slice)
+                              buffer, slice_size=settings.fanout_slice, writer=self.writer)
         self.router = Router(
             self.rest.routes() + [
                 route("GET", "/api/jobs/{id}/progress", self.progress.handle),
@@ -196,6 +205,7 @@ class App:
             await self.cluster.stop()
         await self.server.shutdown(timeout=max(0.2, 1.0 - (time.monotonic() - started)))
         await self.queue.close()
+        self.writer.close()
         log.info("stopped in %.2f s", time.monotonic() - started)
 
 

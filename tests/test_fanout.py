@@ -7,7 +7,11 @@ that end right after their terminal event."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import struct
 
 import httpx
 import pytest
@@ -122,3 +126,57 @@ def test_sse_streams_end_after_their_terminal_event(sliced):
     for events in asyncio.run(scenario()):
         assert events[0] == "status" and events[-1] == "complete"
         assert events.count("complete") == 1
+
+
+def _raw_subscriber(port: int) -> socket.socket:
+    """A WebSocket client on a plain socket: the handshake, then nothing read."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws/queue HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.settimeout(5)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+    return sock
+
+
+def test_clients_reset_mid_broadcast_do_not_disturb_the_others(start_server):
+    """Sliced channels written by three threads (``--fanout-threads 2``): clients that
+    reset their connection while broadcasts are being written to them are dropped,
+    and every other client still gets every event in order."""
+    server = start_server("--fanout-slice", "2", "--fanout-threads", "2",
+                          "--concurrency", "4", "--grace", "0")
+
+    async def scenario():
+        stop = asyncio.Event()
+        listeners = [asyncio.create_task(_listen(server.ws_url, stop)) for _ in range(8)]
+        doomed = [_raw_subscriber(server.port) for _ in range(24)]
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            for i in range(8):
+                r = await client.post("/api/jobs", json={"job_type": "fibonacci",
+                                                         "params": {"count": 10}})
+                assert r.status_code == 201
+                for sock in doomed[i * 3:(i + 1) * 3]:  # reset, not a clean close
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                    sock.close()
+                await asyncio.sleep(0.1)
+            for _ in range(100):
+                if (await client.get("/api/stats")).json()["queue"]["completed"] == 8:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            stop.set()
+            results = await asyncio.gather(*listeners)
+            stats = (await client.get("/api/stats")).json()
+        return results, stats
+
+    results, stats = asyncio.run(scenario())
+    for state, seen in results:
+        seqs = [m["seq"] for m in seen]
+        assert seqs == list(range(state["seq"] + 1, state["seq"] + 1 + len(seqs)))
+        assert sum(m["type"] == "job_completed" for m in seen) == 8
+    assert stats["queue"]["completed"] == 8
+    log = server.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

@@ -487,10 +487,17 @@ async def _follow(url: str, job_done: asyncio.Event) -> list[int]:
                 return seqs
 
 
-async def test_laggard_is_closed_1013_and_others_get_every_event(tmp_path):
+WRITERS = {
+    "loop": (),  # five subscribers: the channel is small, written on the loop's thread
+    "threads": ("--fanout-slice", "2", "--fanout-threads", "2"),  # sliced, three threads
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_laggard_is_closed_1013_and_others_get_every_event(tmp_path, writer):
     (tmp_path / "spamjobs.py").write_text(SPAM_JOBS)
     server = start(tmp_path, "--jobs", "spamjobs", "--write-timeout", "3",
-                   "--max-subscriber-buffer", "262144")
+                   "--max-subscriber-buffer", "262144", *WRITERS[writer])
     try:
         reads_late = RawWS(server.port, rcvbuf=4096)  # stops reading, reads again later
         never_reads = RawWS(server.port, rcvbuf=4096)
@@ -532,6 +539,49 @@ async def test_laggard_is_closed_1013_and_others_get_every_event(tmp_path):
             await asyncio.sleep(0.2)
         never_reads.close()
         reads_late.close()
+    finally:
+        stop(server)
+    assert_clean_log(server)
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_slow_reader_within_its_buffer_gets_every_event_in_order(tmp_path, writer):
+    """A client reading in small gulps, never past ``--max-subscriber-buffer``: its
+    stream stays whole and in order while the server's write buffer for it fills and
+    drains (a write must never overtake bytes still buffered)."""
+    (tmp_path / "spamjobs.py").write_text(SPAM_JOBS)
+    server = start(tmp_path, "--jobs", "spamjobs", "--max-subscriber-buffer",
+                   str(64 << 20), *WRITERS[writer])
+    try:
+        slow = RawWS(server.port, rcvbuf=4096)
+        first = slow.recv()[2]
+        job_done = asyncio.Event()
+        followers = [asyncio.ensure_future(_follow(server.ws_url, job_done)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+
+        def read_slowly() -> list[int]:
+            seqs, done = [json.loads(first)["seq"]], False
+            while True:
+                assert slow._fill(10), "the stream ended"
+                while (parsed := slow._parse_one()) is not None:
+                    message = json.loads(parsed[2])
+                    if "seq" in message.get("data", {}) or message["type"] == "ping":
+                        continue
+                    seqs.append(message["seq"])
+                    done = done or message["type"] == "job_completed"
+                    if done and message["type"] == "worker_stats":
+                        return seqs
+                time.sleep(0.002)
+
+        reading = asyncio.ensure_future(asyncio.to_thread(read_slowly))
+        ws = RawWS(server.port)
+        send_json(ws, {"type": "create_job", "job_type": "spam",
+                       "params": {"count": 3000, "size": 2000}})
+        for seqs in [await reading, *await asyncio.gather(*followers)]:
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert len(seqs) > 3000
+        ws.close()
+        slow.close()
     finally:
         stop(server)
     assert_clean_log(server)

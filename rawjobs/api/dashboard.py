@@ -19,7 +19,7 @@ from ..core.events import RESYNC, Event, EventHub
 from ..core.jobs import Registry
 from ..core.queue import JobQueue
 from ..core.worker import Worker
-from ..web.fanout import Fanout
+from ..web.fanout import Fanout, SocketWriter
 from ..web.http import Request, Response, json_bytes
 from ..web.websocket import WebSocket, WebSockets, text_frame
 from .common import BadJSON, job_options, parse_job_id, parse_json_object
@@ -35,17 +35,18 @@ class QueueFeed:
     """The ``/ws/queue`` endpoint: a WebSocket handler over the queue.
 
     ``max_buffer``: bytes a client may lag before it is closed with 1013;
-    ``ping_interval``: seconds between the application-level ``ping`` messages."""
+    ``ping_interval``: seconds between the application-level ``ping`` messages;
+    ``slice_size`` and ``writer``: how broadcasts are written (rawjobs.web.fanout)."""
 
     def __init__(self, queue: JobQueue, worker: Worker, registry: Registry, hub: EventHub,
                  sockets: WebSockets, max_buffer: int, ping_interval: float = 25.0,
-                 slice_size: int = 256) -> None:
+                 slice_size: int = 256, writer: SocketWriter | None = None) -> None:
         self.queue = queue
         self.worker = worker
         self.registry = registry
         self.sockets = sockets
         self.ping_interval = ping_interval
-        self.fanout = Fanout(max_buffer, slice_size)
+        self.fanout = Fanout(max_buffer, slice_size, writer=writer)
         self._ticker: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._commands: dict[str, Command] = {

@@ -19,7 +19,7 @@ from ..core.errors import JobError
 from ..core.events import RESYNC, Event, EventHub
 from ..core.model import CANCELLED, COMPLETED, FAILED, Job
 from ..core.queue import JobQueue
-from ..web.fanout import Fanout
+from ..web.fanout import Fanout, SocketWriter
 from ..web.http import Request, Response, error_response
 from ..web.sse import (
     SSE_HEADERS,
@@ -79,12 +79,15 @@ class ProgressStreams:
     """The SSE endpoint and its per-job fan-outs. ``keepalive``: seconds between
     ``: keepalive`` comments; ``retry_ms``: the reconnection delay sent to clients;
     ``max_buffer``: bytes a stream may lag before it is ended; ``slice_size``:
-    streams written to before yielding (see rawjobs.web.fanout)."""
+    streams written to before yielding, ``writer``: who writes them (see
+    rawjobs.web.fanout)."""
 
     def __init__(self, queue: JobQueue, hub: EventHub, max_buffer: int,
-                 keepalive: float = 15.0, retry_ms: int = 3000, slice_size: int = 256) -> None:
+                 keepalive: float = 15.0, retry_ms: int = 3000, slice_size: int = 256,
+                 writer: SocketWriter | None = None) -> None:
         self.queue = queue
         self.slice_size = slice_size
+        self.writer = writer
         self.hub = hub
         self.max_buffer = max_buffer
         self.keepalive = keepalive
@@ -122,7 +125,8 @@ class ProgressStreams:
             return
         channel = self._channels.get(job.id)
         if channel is None:
-            channel = self._channels[job.id] = Fanout(self.max_buffer, self.slice_size)
+            channel = self._channels[job.id] = Fanout(self.max_buffer, self.slice_size,
+                                                        writer=self.writer)
         channel.add(sub)
         self._start_keepalive()
         try:
