@@ -1,7 +1,11 @@
 """The server starts, answers, and runs a job end to end."""
 
 import json
+import subprocess
+import sys
 import time
+
+import pytest
 
 
 def test_stats_and_a_job(client):
@@ -55,3 +59,17 @@ def test_uvloop_missing_is_a_clear_error(tmp_path):
                             env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2
     assert "pip install 'rawjobs[uvloop]'" in result.stderr
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--fanout-threads", "x", "not a whole number: 'x'"),
+    ("--fanout-threads", "-1", "must be 0 or more"),
+    ("--concurrency", "1.5", "not a whole number: '1.5'"),
+    ("--fanout-slice", "0", "must be 1 or more"),
+])
+def test_bad_option_values_are_clear_errors(option, value, message):
+    """A bad count on the command line exits 2 and names the option and the problem."""
+    result = subprocess.run([sys.executable, "-m", "rawjobs", option, value],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"argument {option}: {message}" in result.stderr
