@@ -304,6 +304,9 @@ class Fanout:
 
 
 def _fileno(transport: asyncio.BaseTransport) -> int:
-    """The file descriptor of the transport's socket, or -1 when it has none."""
+    """The file descriptor of the transport's socket, or -1 when it has none or the
+    transport is not a plain socket's (TLS: the bytes must go through it)."""
     sock = transport.get_extra_info("socket")
-    return sock.fileno() if sock is not None else -1
+    if sock is None or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    return sock.fileno()
