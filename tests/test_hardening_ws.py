@@ -413,6 +413,38 @@ async def test_shutdown_while_clients_close(start_server):
     assert_clean_log(server)
 
 
+def test_shutdown_with_peers_that_never_answer_close_is_clean(start_server):
+    """WebSocket and SSE clients that read nothing and never answer the server's
+    Close: at SIGTERM the server drops them at its deadline, exits 0 within a
+    second or two of ``--grace``, and logs no traceback (each of their connection
+    tasks ends, none is left for the event loop's final cancel)."""
+    server = start_server("--grace", "1")
+    silent = [RawWS(server.port, rcvbuf=4096) for _ in range(5)]
+    job = json.dumps({"job_type": "echo", "params": {"message": "x", "delay": 30}})
+    requester = socket.create_connection(("127.0.0.1", server.port))
+    requester.sendall((f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(job)}\r\n"
+                       f"\r\n{job}").encode())
+    requester.settimeout(5)
+    response = requester.recv(65536)
+    assert response.startswith(b"HTTP/1.1 201 ")
+    job_id = json.loads(response.partition(b"\r\n\r\n")[2])["id"]
+    streams = []
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET /api/jobs/{job_id}/progress HTTP/1.1\r\n"
+                     "Host: 127.0.0.1\r\n\r\n".encode())
+        streams.append(sock)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert server.terminate(15) == 0
+    assert time.monotonic() - started < 1 + 3
+    for sock in [*(ws.sock for ws in silent), *streams, requester]:
+        sock.close()
+    assert_clean_log(server)
+
+
 # -- 4. keepalive pings -----------------------------------------------------------------------
 
 
