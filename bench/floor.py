@@ -105,27 +105,13 @@ def send_loop(socks: list[socket.socket], rounds: int, nodelay: bool) -> dict:
             "wall_s": wall, "us_per_message": (user + system) / messages * 1e6}
 
 
-def pace(socks: list[socket.socket], rounds: int, interval: float) -> dict:
+def pace(socks: list[socket.socket], rounds: int, interval: float,
+         two_threads: bool = False) -> dict:
     """``rounds`` frames ``interval`` seconds apart, each stamped with its emit time
     (encoded once, then sent to every socket, TCP_NODELAY as asyncio has it): the
-    first-to-last spread of the send loop plus the load client's reading."""
-    for sock in socks:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def send_all(data: bytes) -> None:
-        for sock in socks:
-            sock.sendall(data)
-
-    sends = []
-    for seq in range(1, rounds + 1):
-        sends.append(paced_send(seq, send_all))
-        time.sleep(interval)
-    return {"messages": rounds * len(socks), "sends": sends}
-
-
-def pace_threads(socks: list[socket.socket], rounds: int, interval: float) -> dict:
-    """As ``pace``, with a second thread sending at the same time: both take 8
-    sockets at a time from the same list until none are left."""
+    first-to-last spread of the send loop plus the load client's reading.
+    ``two_threads``: a second thread sends at the same time, both taking 8 sockets
+    at a time from the same list until none are left."""
     for sock in socks:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -140,9 +126,10 @@ def pace_threads(socks: list[socket.socket], rounds: int, interval: float) -> di
     with ThreadPoolExecutor(1) as pool:
         def send_all(data: bytes) -> None:
             chunks = itertools.count()
-            other = pool.submit(send_chunks, data, chunks)
+            other = pool.submit(send_chunks, data, chunks) if two_threads else None
             send_chunks(data, chunks)
-            other.result()
+            if other is not None:
+                other.result()
 
         sends = []
         for seq in range(1, rounds + 1):
@@ -204,9 +191,10 @@ def main() -> None:
         if not words or words[0] == "quit":
             break
         if words[0] == "pace":
-            run = {"asyncio": pace_asyncio, "threads": pace_threads}.get(
-                words[3] if len(words) > 3 else "", pace)
-            print(json.dumps(run(socks, int(words[1]), float(words[2]))), flush=True)
+            rounds, interval, writer = int(words[1]), float(words[2]), words[3:]
+            result = (pace_asyncio(socks, rounds, interval) if writer == ["asyncio"] else
+                      pace(socks, rounds, interval, two_threads=writer == ["threads"]))
+            print(json.dumps(result), flush=True)
         if words[0] == "go":
             nodelay = words[2:] == ["nodelay"]
             print(json.dumps(send_loop(socks, int(words[1]), nodelay)), flush=True)
