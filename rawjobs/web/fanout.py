@@ -101,8 +101,10 @@ class SocketWriter:
         try:
             rest = self._send(writes, chunks)
         finally:
-            wait(futures)
-        for future in futures:
+            # A thread that has not started yet (its core busy) is not waited for.
+            started = [future for future in futures if not future.cancel()]
+            wait(started)
+        for future in started:
             rest += future.result()
         for transport, data in rest:
             transport.write(data)
