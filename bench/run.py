@@ -179,7 +179,7 @@ def parse_args() -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the short suite (< 3 minutes)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="runs per case and variant (default: 2)")
+                   help="runs per case and variant (default: 2 with --quick, else 3)")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="uvloop: also measure rawjobs on uvloop and the uvloop peer")
     p.add_argument("--only", default="", help="comma-separated case ids to run")
@@ -230,7 +230,8 @@ def main() -> None:
             continue
         print(f"{step.id} ...", flush=True)
         results["cases"][step.id] = {"params": dict(step.kwargs),
-                                     "variants": run_step(step, args.repeats or 2, quiet)}
+                                     "variants": run_step(step, args.repeats or (2 if args.quick else 3),
+                                                          quiet)}
         results["duration_s"] = time.time() - started
         write(results, args.out, chart=False)  # a stopped run keeps what it measured
     print(write(results, args.out, chart=True))
