@@ -343,7 +343,8 @@ class HTTPConnection:
         state machine fed with what the client sent beyond this request (pipelined
         bytes, and its end of stream if it half-closed)."""
         pending, closed = self.h11.trailing_data
-        pending = pending[_EMPTY_LINES.match(pending).end():]  # before a request line
+        if pending[:1] in (b"\r", b"\n"):  # empty lines before a request line
+            pending = pending[_EMPTY_LINES.match(pending).end():]
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         if pending:
             self.h11.receive_data(pending)
