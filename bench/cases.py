@@ -304,6 +304,31 @@ def queue_http(variant: Variant, seconds: float, db: str = ":memory:") -> dict:
             "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 
+def queue_ceiling(variant: Variant, seconds: float) -> dict:
+    """The ceiling of the queue over HTTP, on one server (rawjobs with
+    bench/post_ceiling.py): ``GET /api/stats`` (``wrk -t1 -c64``) and the create
+    request of ``queue_http`` (``wrk -t1 -c100``, the same body) sent to
+    ``POST /api/bench/no-job``, which reads it as a create does and answers a job of
+    the same size without creating one; one second of each in turn, ``seconds``
+    times, so that a change in the host's speed falls on both. ``no_job_to_stats``:
+    the median of each turn's second rate over its first, the most the "queue over
+    HTTP" target's ratio could be were a job free."""
+    stats, no_job, ratios, non_2xx = [], [], [], 0.0
+    with Server(variant, concurrency=100, preload="bench.post_ceiling") as server:
+        window = CpuWindow(server.pid, [])
+        for _ in range(max(2, round(seconds))):
+            got = wrk(server.port, "/api/stats", 1, 64)
+            posted = wrk(server.port, "/api/bench/no-job", 1, 100, script=POST_SCRIPT)
+            stats.append(got["req_per_s"])
+            no_job.append(posted["req_per_s"])
+            ratios.append(posted["req_per_s"] / max(1.0, got["req_per_s"]))
+            non_2xx += got["non_2xx"] + posted["non_2xx"]
+        cpu = window.stop()
+    return {"stats_per_s": float(np.median(stats)), "no_job_per_s": float(np.median(no_job)),
+            "no_job_to_stats": float(np.median(ratios)), "non_2xx": non_2xx,
+            "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
+
+
 def _wait_processed(port: int, jobs: int, timeout: float = 120) -> float:
     """Poll GET /api/stats until the worker has processed ``jobs``; returns
     time.perf_counter() then. Raises TimeoutError."""

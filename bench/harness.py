@@ -154,18 +154,21 @@ def server_command(variant: Variant, port: int, concurrency: int, db: str) -> li
 class Server:
     """A fresh server process (context manager): ``port``, ``pid``, ``cpu()``, ``rss()``."""
 
-    def __init__(self, variant: Variant, concurrency: int = 10, db: str = ":memory:") -> None:
+    def __init__(self, variant: Variant, concurrency: int = 10, db: str = ":memory:",
+                 preload: str = "") -> None:
+        """``preload``: a module rawjobs imports first (bench/launch.py --preload)."""
         self.variant = variant
         self.port = free_port()
         self.log = WORK / f"{variant.name}-{self.port}.log"
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, BENCH_PEER_CONCURRENCY=str(concurrency), PYTHONPATH=path)
         self.fanout_log: Path | None = None
+        preloads = [env.get("BENCH_RAWJOBS_PRELOAD"), preload]
         if FANOUT_PROBE["on"] and variant.kind == "rawjobs":
             self.fanout_log = WORK / f"fanout-{self.port}.jsonl"
             env["BENCH_FANOUT_PROBE"] = str(self.fanout_log)
-            env["BENCH_RAWJOBS_PRELOAD"] = ",".join(
-                filter(None, [env.get("BENCH_RAWJOBS_PRELOAD"), "bench.fanout_probe"]))
+            preloads.append("bench.fanout_probe")
+        env["BENCH_RAWJOBS_PRELOAD"] = ",".join(filter(None, preloads))
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 server_command(variant, self.port, concurrency, db), cwd=ROOT, env=env,

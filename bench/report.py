@@ -44,6 +44,9 @@ SINGLE_ROWS = [
     ("queue-memory", "cpu_us_per_job", "Queue over HTTP (memory): server CPU per job", "µs"),
     ("queue-memory", "server_busy", "Queue over HTTP (memory): server CPU busy share", ""),
     ("queue-sqlite", "completed_per_s", "Queue over HTTP (SQLite): created and completed", "/s"),
+    ("queue-ceiling", "no_job_per_s", "POST that creates no job (bench/post_ceiling.py)", "/s"),
+    ("queue-ceiling", "no_job_to_stats", "POST that creates no job / GET /api/stats, same server",
+     ""),
 ]
 SIZES = (1000, 5000)
 
@@ -215,8 +218,9 @@ def targets(results: dict) -> list[dict]:
     threads_floor = _median(results, "floor-paced-threads", "-", "spread_p50_ms")
     out.append(_check("paced spread p50 ≤ 1/4 of the peer's",
                       f"{_fmt(spread)} ms vs {_fmt(peer_spread)} ms (spread floor "
-                      f"{_fmt(floor)} ms, two threads sending {_fmt(threads_floor)} ms; "
-                      f"through asyncio's transports {_fmt(asyncio_floor)} ms)",
+                      f"{_fmt(floor)} ms, two threads sending {_fmt(threads_floor)} ms"
+                      f"{_of_peer(threads_floor, peer_spread)}; through asyncio's "
+                      f"transports {_fmt(asyncio_floor)} ms)",
                       None if spread is None or not peer_spread else spread <= peer_spread / 4))
     p99 = m("stats-10000", "stats_p99_ms")
     out.append(_check("GET /api/stats p99 < 50 ms during a fan-out to 10,000",
@@ -232,9 +236,31 @@ def targets(results: dict) -> list[dict]:
     for store in ("memory", "sqlite"):
         jobs = m(f"queue-{store}", "completed_per_s")
         out.append(_check(f"queue over HTTP ({store}) ≥ 0.7 × GET /api/stats req/s",
-                          f"{_fmt(jobs)} jobs/s vs {_fmt(rps)} req/s",
+                          f"{_fmt(jobs)} jobs/s vs {_fmt(rps)} req/s"
+                          + _ceiling_text(results, m, store),
                           None if jobs is None or not rps else jobs >= 0.7 * rps))
     return out
+
+
+def _of_peer(spread: float | None, peer_spread: float | None) -> str:
+    return f" = {spread / peer_spread:.2f} × the peer's" if spread and peer_spread else ""
+
+
+def _ceiling_text(results: dict, m, store: str) -> str:
+    """What the over-HTTP ratio could be at most, from the queue-ceiling case: a POST
+    that creates no job, against GET /api/stats on the same server; and that POST's
+    time plus the in-process queue's time per job (no HTTP at all), an upper bound for
+    any create over HTTP on this server."""
+    ceiling, no_job = m("queue-ceiling", "no_job_to_stats"), m("queue-ceiling", "no_job_per_s")
+    stats = m("queue-ceiling", "stats_per_s")
+    if ceiling is None or not no_job or not stats:
+        return ""
+    text = f" (ceiling: a POST that creates no job {ceiling:.2f} ×"
+    inprocess = _median(results, "queue-inprocess", "-", f"{store}_mixed_jobs_per_s")
+    if inprocess:
+        bound = 1 / (1 / no_job + 1 / inprocess) / stats
+        text += f"; with the in-process queue's time per job added {bound:.2f} ×"
+    return text + ")"
 
 
 def _hold_target(m) -> dict:

@@ -86,6 +86,8 @@ def plan(quick: bool, variants: list[Variant]) -> list[Step]:
                                                 "interval": 0.2}, variants, repeats=1))
     steps.append(Step("wrk", cases.stats_wrk, {"seconds": seconds}, variants))
     steps.append(Step("queue-memory", cases.queue_http, {"seconds": queue_seconds}, variants))
+    steps.append(Step("queue-ceiling", cases.queue_ceiling, {"seconds": queue_seconds},
+                      rawjobs_only))
     steps.append(Step("queue-sqlite", cases.queue_http,
                       {"seconds": queue_seconds, "db": "sqlite"}, rawjobs_only))
     steps.append(Step("queue-inprocess", cases.queue_inprocess,
@@ -136,7 +138,8 @@ def summarise(runs: list[dict]) -> dict:
 
 def _progress(case: str, variant: Variant | None, result: dict) -> None:
     keys = ("error", "cpu_us_per_message", "us_per_message", "spread_p50_ms",
-            "stats_p99_ms", "req_per_s", "completed_per_s", "delivered_ratio", "disturbed")
+            "stats_p99_ms", "req_per_s", "completed_per_s", "no_job_to_stats",
+            "delivered_ratio", "disturbed")
     shown = {k: round(result[k], 2) if isinstance(result[k], float) else result[k]
              for k in keys if k in result}
     print(f"  {case:16} {variant.name if variant else '-':15} {shown}", flush=True)
