@@ -305,27 +305,40 @@ def queue_http(variant: Variant, seconds: float, db: str = ":memory:") -> dict:
 
 
 def queue_ceiling(variant: Variant, seconds: float) -> dict:
-    """The ceiling of the queue over HTTP, on one server (rawjobs with
-    bench/post_ceiling.py): ``GET /api/stats`` (``wrk -t1 -c64``) and the create
-    request of ``queue_http`` (``wrk -t1 -c100``, the same body) sent to
-    ``POST /api/bench/no-job``, which reads it as a create does and answers a job of
-    the same size without creating one; one second of each in turn, ``seconds``
-    times, so that a change in the host's speed falls on both. ``no_job_to_stats``:
-    the median of each turn's second rate over its first, the most the "queue over
-    HTTP" target's ratio could be were a job free."""
-    stats, no_job, ratios, non_2xx = [], [], [], 0.0
+    """What stands between the queue over HTTP and the same server's stats rate, on
+    one server (rawjobs with bench/post_ceiling.py), one second of each in turn,
+    ``seconds`` turns, so that a change in the host's speed falls on all three:
+    ``GET /api/stats`` (``wrk -t1 -c64``); the create request of ``queue_http``
+    (``wrk -t1 -c100``, the same body) sent to ``POST /api/bench/no-job``, which
+    reads it and answers a job object as a create does but creates nothing; and the
+    same request to ``POST /api/jobs`` (worker concurrency 100). Rates are medians of
+    the turns; ``*_to_stats`` the medians of each turn's rate over its stats rate.
+    ``job_us``: what a job adds to a POST (create, run, complete), 1/jobs - 1/no-job
+    per turn; ``budget_us``: what it may add for 0.7 × the stats rate."""
+    turns: dict[str, list[float]] = {k: [] for k in ("stats", "no_job", "jobs", "no_job_to_stats",
+                                                    "jobs_to_stats", "job_us", "budget_us")}
+    non_2xx = 0.0
     with Server(variant, concurrency=100, preload="bench.post_ceiling") as server:
         window = CpuWindow(server.pid, [])
         for _ in range(max(2, round(seconds))):
-            got = wrk(server.port, "/api/stats", 1, 64)
-            posted = wrk(server.port, "/api/bench/no-job", 1, 100, script=POST_SCRIPT)
-            stats.append(got["req_per_s"])
-            no_job.append(posted["req_per_s"])
-            ratios.append(posted["req_per_s"] / max(1.0, got["req_per_s"]))
-            non_2xx += got["non_2xx"] + posted["non_2xx"]
+            rates = {}
+            for name, path, connections, script in (
+                    ("stats", "/api/stats", 64, None),
+                    ("no_job", "/api/bench/no-job", 100, POST_SCRIPT),
+                    ("jobs", "/api/jobs", 100, POST_SCRIPT)):
+                figures = wrk(server.port, path, 1, connections, script=script)
+                rates[name] = max(1.0, figures["req_per_s"])
+                non_2xx += figures["non_2xx"]
+            for name, rate in rates.items():
+                turns[name].append(rate)
+            turns["no_job_to_stats"].append(rates["no_job"] / rates["stats"])
+            turns["jobs_to_stats"].append(rates["jobs"] / rates["stats"])
+            turns["job_us"].append(1e6 / rates["jobs"] - 1e6 / rates["no_job"])
+            turns["budget_us"].append(1e6 / (0.7 * rates["stats"]) - 1e6 / rates["no_job"])
         cpu = window.stop()
-    return {"stats_per_s": float(np.median(stats)), "no_job_per_s": float(np.median(no_job)),
-            "no_job_to_stats": float(np.median(ratios)), "non_2xx": non_2xx,
+    medians = {k: float(np.median(v)) for k, v in turns.items()}
+    return {"stats_per_s": medians.pop("stats"), "no_job_per_s": medians.pop("no_job"),
+            "jobs_per_s": medians.pop("jobs"), **medians, "non_2xx": non_2xx,
             "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 

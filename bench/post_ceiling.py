@@ -3,10 +3,10 @@
 to rawjobs.
 
 The route reads a request as ``POST /api/jobs`` does (its Content-Type, its JSON
-body, its job options) and answers ``201`` with a job of the same shape and size as
-a create's answer, encoded once at import. It validates, stores, publishes and runs
-nothing: its rate on a server is the most jobs per second that server could create
-over HTTP if a job cost nothing, the ceiling of the "queue over HTTP" target.
+body, its job options) and answers ``201`` with a job object, encoded per request as
+a create's answer is. It validates, stores, publishes and runs nothing: its rate on
+a server is the most jobs per second that server could create over HTTP if a job
+cost nothing, the ceiling of the "queue over HTTP" target.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import time
 from rawjobs.api import rest
 from rawjobs.api.common import job_options, parse_json_object
 from rawjobs.core.model import Job
-from rawjobs.web.http import JSON_TYPE, Request, Response, error_response, json_bytes
+from rawjobs.web.http import Request, Response, error_response, json_response
 from rawjobs.web.routing import route
 
 PATH = "/api/bench/no-job"
-_ANSWER = json_bytes(Job(id=1, type="bench", params={"events": 0, "interval": 0.0, "gate": ""},
-                         created_at=time.time()).to_dict())
+_JOB = Job(id=1, type="bench", params={"events": 0, "interval": 0.0, "gate": ""},
+           created_at=time.time())
 
 
 async def no_job(self: rest.RestAPI, request: Request) -> Response:
@@ -30,8 +30,7 @@ async def no_job(self: rest.RestAPI, request: Request) -> Response:
         return error_response(415, "Content-Type must be application/json")
     body = parse_json_object(request.body)
     job_options(body, request.header("idempotency-key"))
-    return Response(status=201, body=_ANSWER, headers=[("Location", "/api/jobs/1")],
-                    content_type=JSON_TYPE)
+    return json_response(_JOB.to_dict(), status=201, headers=[("Location", "/api/jobs/1")])
 
 
 _routes = rest.RestAPI.routes

@@ -47,6 +47,10 @@ SINGLE_ROWS = [
     ("queue-ceiling", "no_job_per_s", "POST that creates no job (bench/post_ceiling.py)", "/s"),
     ("queue-ceiling", "no_job_to_stats", "POST that creates no job / GET /api/stats, same server",
      ""),
+    ("queue-ceiling", "jobs_to_stats", "POST /api/jobs / GET /api/stats, same server, same turns",
+     ""),
+    ("queue-ceiling", "job_us", "What a job adds to its POST (same server)", "µs"),
+    ("queue-ceiling", "budget_us", "What 0.7 × the stats rate allows a job to add", "µs"),
 ]
 SIZES = (1000, 5000)
 
@@ -247,19 +251,21 @@ def _of_peer(spread: float | None, peer_spread: float | None) -> str:
 
 
 def _ceiling_text(results: dict, m, store: str) -> str:
-    """What the over-HTTP ratio could be at most, from the queue-ceiling case: a POST
-    that creates no job, against GET /api/stats on the same server; and that POST's
-    time plus the in-process queue's time per job (no HTTP at all), an upper bound for
-    any create over HTTP on this server."""
-    ceiling, no_job = m("queue-ceiling", "no_job_to_stats"), m("queue-ceiling", "no_job_per_s")
-    stats = m("queue-ceiling", "stats_per_s")
-    if ceiling is None or not no_job or not stats:
+    """What stands in the way of the over-HTTP target, from the queue-ceiling case (one
+    server, turn by turn): a POST that creates no job against GET /api/stats, what a
+    job adds to its POST, what 0.7 allows it to add, and (queue-inprocess) what a job
+    takes in process alone, with no HTTP."""
+    ceiling = m("queue-ceiling", "no_job_to_stats")
+    if ceiling is None:
         return ""
-    text = f" (ceiling: a POST that creates no job {ceiling:.2f} ×"
+    text = f" (one server, turn by turn: a POST that creates no job {ceiling:.2f} ×"
+    if store == "memory":
+        text += (f", creating one {_fmt(m('queue-ceiling', 'jobs_to_stats'))} ×; a job adds "
+                 f"{_fmt(m('queue-ceiling', 'job_us'))} µs to its POST, 0.7 × allows "
+                 f"{_fmt(m('queue-ceiling', 'budget_us'))} µs")
     inprocess = _median(results, "queue-inprocess", "-", f"{store}_mixed_jobs_per_s")
     if inprocess:
-        bound = 1 / (1 / no_job + 1 / inprocess) / stats
-        text += f"; with the in-process queue's time per job added {bound:.2f} ×"
+        text += f"; in process alone a job takes {_fmt(1e6 / inprocess)} µs"
     return text + ")"
 
 

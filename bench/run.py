@@ -139,7 +139,7 @@ def summarise(runs: list[dict]) -> dict:
 def _progress(case: str, variant: Variant | None, result: dict) -> None:
     keys = ("error", "cpu_us_per_message", "us_per_message", "spread_p50_ms",
             "stats_p99_ms", "req_per_s", "completed_per_s", "no_job_to_stats",
-            "delivered_ratio", "disturbed")
+            "jobs_to_stats", "job_us", "budget_us", "delivered_ratio", "disturbed")
     shown = {k: round(result[k], 2) if isinstance(result[k], float) else result[k]
              for k in keys if k in result}
     print(f"  {case:16} {variant.name if variant else '-':15} {shown}", flush=True)
