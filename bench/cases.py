@@ -311,16 +311,19 @@ def queue_ceiling(variant: Variant, seconds: float) -> dict:
     ``GET /api/stats`` (``wrk -t1 -c64``); the create request of ``queue_http``
     (``wrk -t1 -c100``, the same body) sent to ``POST /api/bench/no-job``, which
     reads it and answers a job object as a create does but creates nothing; and the
-    same request to ``POST /api/jobs`` (worker concurrency 100). Rates are medians of
-    the turns; ``*_to_stats`` the medians of each turn's rate over its stats rate.
-    ``job_us``: what a job adds to a POST (create, run, complete), 1/jobs - 1/no-job
-    per turn; ``budget_us``: what it may add for 0.7 × the stats rate."""
+    same request to ``POST /api/jobs`` (worker concurrency 100; the worker keeps up
+    within the turn). At least 3 turns. Rates are medians of the turns;
+    ``*_to_stats`` the medians of each turn's rate over its stats rate. ``job_us``:
+    what a job adds to a POST (create, run, complete), 1/jobs - 1/no-job per turn;
+    ``budget_us``: what it may add for 0.7 × the stats rate, 1/(0.7 stats) -
+    1/no-job. Both are time per request at wrk's rates, which is the server's CPU
+    time per request while it keeps one core busy (``server_busy``)."""
     turns: dict[str, list[float]] = {k: [] for k in ("stats", "no_job", "jobs", "no_job_to_stats",
                                                     "jobs_to_stats", "job_us", "budget_us")}
     non_2xx = 0.0
     with Server(variant, concurrency=100, preload="bench.post_ceiling") as server:
         window = CpuWindow(server.pid, [])
-        for _ in range(max(2, round(seconds))):
+        for _ in range(max(3, round(seconds))):
             rates = {}
             for name, path, connections, script in (
                     ("stats", "/api/stats", 64, None),
@@ -339,6 +342,7 @@ def queue_ceiling(variant: Variant, seconds: float) -> dict:
     medians = {k: float(np.median(v)) for k, v in turns.items()}
     return {"stats_per_s": medians.pop("stats"), "no_job_per_s": medians.pop("no_job"),
             "jobs_per_s": medians.pop("jobs"), **medians, "non_2xx": non_2xx,
+            "server_busy": cpu["server_cpu_s"] / cpu["wall_s"],
             "other_pct": cpu["other_pct"], "disturbed": cpu["disturbed"]}
 
 

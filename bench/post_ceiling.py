@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from rawjobs.api import rest
-from rawjobs.api.common import job_options, parse_json_object
+from rawjobs.api.common import BadJSON, job_options, parse_json_object
 from rawjobs.core.model import Job
 from rawjobs.web.http import Request, Response, error_response, json_response
 from rawjobs.web.routing import route
@@ -28,11 +28,20 @@ async def no_job(self: rest.RestAPI, request: Request) -> Response:
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return error_response(415, "Content-Type must be application/json")
-    body = parse_json_object(request.body)
+    try:
+        body = parse_json_object(request.body)
+    except BadJSON as exc:
+        return error_response(400, str(exc))
     job_options(body, request.header("idempotency-key"))
     return json_response(_JOB.to_dict(), status=201, headers=[("Location", "/api/jobs/1")])
 
 
 _routes = rest.RestAPI.routes
+
+
+def _with_no_job(self: rest.RestAPI) -> list:
+    return [*_routes(self), route("POST", PATH, self.no_job)]
+
+
 rest.RestAPI.no_job = no_job  # type: ignore[attr-defined]
-rest.RestAPI.routes = lambda self: [*_routes(self), route("POST", PATH, self.no_job)]  # type: ignore[method-assign]
+rest.RestAPI.routes = _with_no_job  # type: ignore[method-assign]

@@ -241,7 +241,7 @@ def targets(results: dict) -> list[dict]:
         jobs = m(f"queue-{store}", "completed_per_s")
         out.append(_check(f"queue over HTTP ({store}) ≥ 0.7 × GET /api/stats req/s",
                           f"{_fmt(jobs)} jobs/s vs {_fmt(rps)} req/s"
-                          + _ceiling_text(results, m, store),
+                          + ("" if jobs is None else _ceiling_text(results, m, store)),
                           None if jobs is None or not rps else jobs >= 0.7 * rps))
     return out
 
@@ -258,7 +258,8 @@ def _ceiling_text(results: dict, m, store: str) -> str:
     ceiling = m("queue-ceiling", "no_job_to_stats")
     if ceiling is None:
         return ""
-    text = f" (one server, turn by turn: a POST that creates no job {ceiling:.2f} ×"
+    text = (" (one server with the memory store, turn by turn: a POST that creates no job "
+            f"{ceiling:.2f} ×")
     if store == "memory":
         text += (f", creating one {_fmt(m('queue-ceiling', 'jobs_to_stats'))} ×; a job adds "
                  f"{_fmt(m('queue-ceiling', 'job_us'))} µs to its POST, 0.7 × allows "
