@@ -2,11 +2,12 @@
 ``bench/launch.py --preload bench.post_ceiling``: adds ``POST /api/bench/no-job``
 to rawjobs.
 
-The route reads a request as ``POST /api/jobs`` does (its Content-Type, its JSON
-body, its job options) and answers ``201`` with a job object, encoded per request as
-a create's answer is. It validates, stores, publishes and runs nothing: its rate on
-a server is the most jobs per second that server could create over HTTP if a job
-cost nothing, the ceiling of the "queue over HTTP" target.
+The route reads a request as ``POST /api/jobs`` does, with the same code
+(``read_create_request``: its Content-Type, its JSON body, its job options), and
+answers ``201`` with a job object, encoded per request as a create's answer is. It
+validates, stores, publishes and runs nothing: its rate on a server is the most jobs
+per second that server could create over HTTP if a job cost nothing, the ceiling of
+the "queue over HTTP" target.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import time
 
 from rawjobs.api import rest
-from rawjobs.api.common import BadJSON, job_options, parse_json_object
 from rawjobs.core.model import Job
-from rawjobs.web.http import Request, Response, error_response, json_response
+from rawjobs.web.http import Request, Response, json_response
 from rawjobs.web.routing import route
 
 PATH = "/api/bench/no-job"
@@ -25,14 +25,9 @@ _JOB = Job(id=1, type="bench", params={"events": 0, "interval": 0.0, "gate": ""}
 
 
 async def no_job(self: rest.RestAPI, request: Request) -> Response:
-    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        return error_response(415, "Content-Type must be application/json")
-    try:
-        body = parse_json_object(request.body)
-    except BadJSON as exc:
-        return error_response(400, str(exc))
-    job_options(body, request.header("idempotency-key"))
+    read = rest.read_create_request(request)  # what a create reads, the same code
+    if isinstance(read, Response):
+        return read
     return json_response(_JOB.to_dict(), status=201, headers=[("Location", "/api/jobs/1")])
 
 

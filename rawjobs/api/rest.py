@@ -43,6 +43,20 @@ def _list_query(request: Request) -> dict[str, Any] | Response:
             "limit": limit, "before": before}
 
 
+def read_create_request(request: Request) -> tuple[dict[str, Any], dict[str, Any]] | Response:
+    """The JSON body and the job options of a create request (``POST /api/jobs``):
+    ``(body, options)``, or the 415 (not ``application/json``) or 400 (not one JSON
+    object) response to send instead."""
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return error_response(415, "Content-Type must be application/json")
+    try:
+        body = parse_json_object(request.body)
+    except BadJSON as exc:
+        return error_response(400, str(exc))
+    return body, job_options(body, request.header("idempotency-key"))
+
+
 class RestAPI:
     """Handlers for ``/api/stats``, ``/api/job-types`` and ``/api/jobs...``."""
 
@@ -86,14 +100,10 @@ class RestAPI:
         return json_response([job.to_dict() for job in jobs], headers=headers)
 
     async def create_job(self, request: Request) -> Response:
-        content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            return error_response(415, "Content-Type must be application/json")
-        try:
-            body = parse_json_object(request.body)
-        except BadJSON as exc:
-            return error_response(400, str(exc))
-        options = job_options(body, request.header("idempotency-key"))
+        read = read_create_request(request)
+        if isinstance(read, Response):
+            return read
+        body, options = read
         try:
             job, created = await self.queue.create(body.get("job_type"), body.get("params"),
                                                    options)
