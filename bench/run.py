@@ -232,9 +232,9 @@ def main() -> None:
         if only and step.id not in only:
             continue
         print(f"{step.id} ...", flush=True)
+        repeats = args.repeats or (2 if args.quick else 3)
         results["cases"][step.id] = {"params": dict(step.kwargs),
-                                     "variants": run_step(step, args.repeats or (2 if args.quick else 3),
-                                                          quiet)}
+                                     "variants": run_step(step, repeats, quiet)}
         results["duration_s"] = time.time() - started
         write(results, args.out, chart=False)  # a stopped run keeps what it measured
     print(write(results, args.out, chart=True))

@@ -222,6 +222,14 @@ def _valid_target(request: Request) -> bool:
                                            and request.target == "*")
 
 
+def _skip_empty_lines(data: bytes) -> bytes:
+    """``data`` without the empty lines a server ignores before a request line (RFC
+    9112 section 2.2); the regex runs only when ``data`` starts with one."""
+    if data[:1] in (b"\r", b"\n"):
+        return data[_EMPTY_LINES.match(data).end():]
+    return data
+
+
 def _refusal(status: int, message: str) -> bytes:
     """A complete ``Connection: close`` error response (no request was read)."""
     response = error_response(status, message)
@@ -343,8 +351,7 @@ class HTTPConnection:
         state machine fed with what the client sent beyond this request (pipelined
         bytes, and its end of stream if it half-closed)."""
         pending, closed = self.h11.trailing_data
-        if pending[:1] in (b"\r", b"\n"):  # empty lines before a request line
-            pending = pending[_EMPTY_LINES.match(pending).end():]
+        pending = _skip_empty_lines(pending)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         if pending:
             self.h11.receive_data(pending)
@@ -452,10 +459,9 @@ class HTTPConnection:
                 if first and not got_bytes:
                     return None
                 raise ProtocolFault(408, "Request took too long to arrive")
-            if first and data[:1] in (b"\r", b"\n") and not self._head:
-                # Empty lines before a request line are ignored (RFC 9112 section 2.2).
-                data = data[_EMPTY_LINES.match(data).end():]
-                if not data:
+            if first and data and not self._head:
+                data = _skip_empty_lines(data)
+                if not data:  # nothing but empty lines so far
                     continue
             if first and data:
                 if not got_bytes:
